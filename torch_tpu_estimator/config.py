@@ -1,0 +1,139 @@
+"""Run configuration: where a run writes, how often it saves, and how replicas are laid out.
+
+Plain dataclasses that validate themselves on construction, so a bad value fails at the line that
+made it, long before any device work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Union
+
+STRATEGIES = ("mp",)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
+_SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive_int_or_none(name: str, value: Optional[int]) -> None:
+    _require(
+        value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+        f"{name} must be a positive int or None, got {value!r}",
+    )
+
+
+def parse_iterations_per_loop(value: Union[int, str]) -> tuple[Optional[int], Optional[float]]:
+    """Returns (steps, seconds): a window of a fixed step count, or a time budget like "30s"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        _require(value > 0, f"iterations_per_loop must be a positive int, got {value}")
+        return value, None
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match and float(match.group(1)) > 0:
+            return None, float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2)]
+    raise ValueError(
+        "iterations_per_loop must be a positive int or a duration such as '30s', '5m' or '1h', "
+        f"got {value!r}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputPipelineConfig:
+    """How the estimator batches a `Dataset` that input_fn returns.
+
+    shuffle: reshuffle training examples every pass, seeded by `RunConfig.seed` and the pass
+      number, so a resumed run sees the same order. Eval and predict never shuffle.
+    num_workers: DataLoader worker processes for that batching.
+    """
+
+    shuffle: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.shuffle, bool), f"shuffle must be a bool, got {self.shuffle!r}")
+        _require(
+            isinstance(self.num_workers, int) and self.num_workers >= 0,
+            f"num_workers must be an int >= 0, got {self.num_workers!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TPUConfig:
+    """How replicas run.
+
+    iterations_per_loop: steps run on the device between two visits of the host (hooks, logs,
+      summaries, checkpoints); an int, or a time budget such as "30s".
+    num_shards: number of replicas; None means every local device (or the launcher's world size).
+    per_host_input_for_training: True calls input_fn once per host and shards its batches over
+      the replicas; False calls it once per replica, with `params["context"]` naming the shard.
+    strategy: "mp" runs one process per device (xmp.spawn); "spmd" runs one process over a mesh.
+    """
+
+    iterations_per_loop: Union[int, str] = 2
+    num_shards: Optional[int] = None
+    per_host_input_for_training: bool = True
+    strategy: str = "mp"
+
+    def __post_init__(self) -> None:
+        parse_iterations_per_loop(self.iterations_per_loop)
+        _positive_int_or_none("num_shards", self.num_shards)
+        _require(
+            isinstance(self.per_host_input_for_training, bool),
+            "per_host_input_for_training must be a bool, "
+            f"got {self.per_host_input_for_training!r}",
+        )
+        _require(
+            self.strategy in STRATEGIES,
+            f"strategy must be one of {STRATEGIES}, got {self.strategy!r}",
+        )
+
+    @property
+    def window_steps(self) -> Optional[int]:
+        return parse_iterations_per_loop(self.iterations_per_loop)[0]
+
+    @property
+    def window_seconds(self) -> Optional[float]:
+        return parse_iterations_per_loop(self.iterations_per_loop)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and how often: checkpoints, summaries, logs, and the seed."""
+
+    model_dir: Optional[str] = None
+    save_checkpoints_steps: Optional[int] = 100
+    keep_checkpoint_max: Optional[int] = 5
+    log_step_count_steps: Optional[int] = 100
+    save_summary_steps: Optional[int] = 100
+    seed: int = 0
+    tpu_config: TPUConfig = dataclasses.field(default_factory=TPUConfig)
+    input_config: InputPipelineConfig = dataclasses.field(default_factory=InputPipelineConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.model_dir is None or isinstance(self.model_dir, str),
+            f"model_dir must be a str or None, got {self.model_dir!r}",
+        )
+        for name in ("save_checkpoints_steps", "keep_checkpoint_max", "log_step_count_steps",
+                     "save_summary_steps"):
+            _positive_int_or_none(name, getattr(self, name))
+        _require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            f"seed must be an int >= 0, got {self.seed!r}",
+        )
+        _require(
+            isinstance(self.tpu_config, TPUConfig),
+            f"tpu_config must be a TPUConfig, got {type(self.tpu_config).__name__}",
+        )
+        _require(
+            isinstance(self.input_config, InputPipelineConfig),
+            f"input_config must be an InputPipelineConfig, got {type(self.input_config).__name__}",
+        )
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,222 @@
+"""TPUEstimator: the user-facing facade. It validates, picks the runtime, and hands work to loops.
+
+No device code lives here: every argument is checked before any replica starts, so a bad call
+fails fast and leaves model_dir as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import checkpoint, summary
+from .config import RunConfig
+from .hooks import CheckpointSaverListener, Hook
+from .loops import InputFn, Job, ModelFn, train_replica
+from .runtime import Runtime, resolve_runtime
+from .training_state import ModelInitFn, OptimizerFn
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+RESERVED_PARAMS = ("batch_size", "context", "use_tpu")
+
+
+def _check_callable(name: str, value: Any, required: bool = True) -> None:
+    if value is None and not required:
+        return
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_instances(name: str, values: Optional[Sequence[Any]], kind: type) -> list:
+    values = list(values or [])
+    for value in values:
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} must hold {kind.__name__} instances, got {type(value).__name__}")
+    return values
+
+
+def _resolve_model_dir(model_dir: Optional[str], config: RunConfig) -> str:
+    if model_dir and config.model_dir and os.path.abspath(model_dir) != os.path.abspath(config.model_dir):
+        raise ValueError(
+            f"model_dir={model_dir!r} and config.model_dir={config.model_dir!r} differ; give one"
+        )
+    resolved = model_dir or config.model_dir
+    if resolved is None:
+        resolved = tempfile.mkdtemp(prefix="torch_tpu_estimator-")
+        logger.warning("Using temporary folder as model directory: %s", resolved)
+    if os.path.exists(resolved) and not os.path.isdir(resolved):
+        raise ValueError(f"model_dir {resolved!r} exists and is not a directory")
+    return resolved
+
+
+class TPUEstimator:
+    """Trains a model_fn on XLA devices (use_tpu=True) or plain PyTorch (use_tpu=False).
+
+    model_fn(model, features, labels, mode, params) returns a TPUEstimatorSpec; model_init_fn
+    (params) builds the torch.nn.Module once per replica; optimizer_fn(model, params) returns an
+    optimizer or (optimizer, lr_scheduler). Batch sizes are global: `params["batch_size"]` holds
+    the per-replica batch in model_fn and the per-input-pipeline batch in input_fn.
+    """
+
+    def __init__(
+        self,
+        model_fn: Optional[ModelFn] = None,
+        model_dir: Optional[str] = None,
+        config: Optional[RunConfig] = None,
+        params: Optional[dict] = None,
+        use_tpu: bool = True,
+        train_batch_size: Optional[int] = None,
+        eval_batch_size: Optional[int] = None,
+        predict_batch_size: Optional[int] = None,
+        batch_axis: Optional[Sequence[int]] = None,
+        eval_on_tpu: bool = True,
+        warm_start_from: Optional[str] = None,
+        *,
+        model_init_fn: Optional[ModelInitFn] = None,
+        optimizer_fn: Optional[OptimizerFn] = None,
+    ):
+        _check_callable("model_fn", model_fn)
+        _check_callable("model_init_fn", model_init_fn)
+        _check_callable("optimizer_fn", optimizer_fn, required=False)
+        config = RunConfig() if config is None else config
+        if not isinstance(config, RunConfig):
+            raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+        if params is not None and not isinstance(params, dict):
+            raise TypeError(f"params must be a dict, got {type(params).__name__}")
+        params = dict(params or {})
+        for key in RESERVED_PARAMS:
+            if key in params:
+                raise ValueError(
+                    f"params holds the reserved key {key!r}; TPUEstimator sets it. "
+                    f"Reserved keys: {RESERVED_PARAMS}"
+                )
+        if not isinstance(use_tpu, bool) or not isinstance(eval_on_tpu, bool):
+            raise TypeError("use_tpu and eval_on_tpu must be bools")
+        if batch_axis is not None and any(axis != 0 for axis in batch_axis):
+            raise ValueError(
+                f"batch_axis={tuple(batch_axis)} is not supported: every input tensor is split "
+                "along its first dimension"
+            )
+        if warm_start_from is not None and not isinstance(warm_start_from, str):
+            raise TypeError(
+                f"warm_start_from must be a checkpoint path or a model_dir, got "
+                f"{type(warm_start_from).__name__}"
+            )
+        self._runtime: Runtime = resolve_runtime(use_tpu, config.tpu_config)
+        self._batch_sizes = {}
+        for mode, size in (("train", train_batch_size), ("eval", eval_batch_size),
+                           ("predict", predict_batch_size)):
+            name = f"{mode}_batch_size"
+            _check_positive_int(name, size)
+            replicas = self._runtime.num_replicas
+            if size is not None and size % replicas:
+                raise ValueError(
+                    f"{name}={size} is not divisible by the number of replicas ({replicas})"
+                )
+            self._batch_sizes[mode] = size
+        self._model_dir = _resolve_model_dir(model_dir, config)
+        self._config = config.replace(model_dir=self._model_dir)
+        self._model_fn = model_fn
+        self._model_init_fn = model_init_fn
+        self._optimizer_fn = optimizer_fn
+        self._params = params
+        self._use_tpu = use_tpu
+        self._eval_on_tpu = eval_on_tpu
+        self._warm_start_from = warm_start_from
+
+    @property
+    def config(self) -> RunConfig:
+        return self._config
+
+    @property
+    def model_dir(self) -> str:
+        return self._model_dir
+
+    @property
+    def params(self) -> dict:
+        return dict(self._params)
+
+    @property
+    def model_fn(self) -> ModelFn:
+        return self._model_fn
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def _job(self, mode: str) -> Job:
+        return Job(
+            model_fn=self._model_fn,
+            model_init_fn=self._model_init_fn,
+            optimizer_fn=self._optimizer_fn,
+            params=self._params,
+            config=self._config,
+            model_dir=self._model_dir,
+            use_tpu=self._use_tpu,
+            global_batch_size=self._batch_sizes[mode],
+            warm_start_from=self._warm_start_from,
+        )
+
+    def train(
+        self,
+        input_fn: InputFn,
+        hooks: Optional[Sequence[Hook]] = None,
+        steps: Optional[int] = None,
+        max_steps: Optional[int] = None,
+        saving_listeners: Optional[Sequence[CheckpointSaverListener]] = None,
+    ) -> "TPUEstimator":
+        """Trains: `steps` more steps, or up to global step `max_steps`, or until input ends."""
+        _check_callable("input_fn", input_fn)
+        if steps is not None and max_steps is not None:
+            raise ValueError("Can not provide both steps and max_steps")
+        _check_positive_int("steps", steps)
+        _check_positive_int("max_steps", max_steps)
+        if self._batch_sizes["train"] is None:
+            raise ValueError("train_batch_size must be set in the constructor to train")
+        if self._optimizer_fn is None:
+            raise ValueError("optimizer_fn must be given in the constructor to train")
+        hooks = _check_instances("hooks", hooks, Hook)
+        listeners = _check_instances("saving_listeners", saving_listeners, CheckpointSaverListener)
+        job = self._job("train")
+        runtime = self._runtime
+        runtime.launch(
+            lambda: train_replica(job, runtime, input_fn, hooks, steps, max_steps, listeners)
+        )
+        return self
+
+    def latest_checkpoint(self) -> Optional[str]:
+        """Path of the newest checkpoint in model_dir, or None."""
+        return checkpoint.latest_checkpoint(self._model_dir)
+
+    def _latest_state(self) -> dict:
+        path = self.latest_checkpoint()
+        if path is None:
+            raise ValueError(f"model_dir {self._model_dir!r} holds no checkpoint yet")
+        return checkpoint.load_checkpoint(path)
+
+    def get_variable_names(self) -> list[str]:
+        """Names of the model's tensors in the latest checkpoint, and `global_step`."""
+        return sorted(self._latest_state()["model"]) + ["global_step"]
+
+    def get_variable_value(self, name: str) -> np.ndarray:
+        """Value of one tensor of the latest checkpoint, as a NumPy array."""
+        state = self._latest_state()
+        if name == "global_step":
+            return np.asarray(state["global_step"])
+        if name not in state["model"]:
+            raise ValueError(f"no variable {name!r} in {self.latest_checkpoint()}")
+        return state["model"][name].numpy()
+
+    def eval_dir(self, name: Optional[str] = None) -> str:
+        """Where evaluation `name` writes its summaries."""
+        return summary.eval_dir(self._model_dir, name)

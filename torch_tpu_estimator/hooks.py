@@ -1,0 +1,149 @@
+"""The hook protocol and the built-in hooks.
+
+Hooks run on the host only at window ends (every `iterations_per_loop` steps), never inside a
+window, so they cost no device sync. Every replica runs the same hooks on the same values (the
+losses are averaged over replicas first); `context.is_chief` tells a hook whether to write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+
+class NanLossDuringTrainingError(RuntimeError):
+    """Training produced a NaN or infinite loss; no checkpoint was written for that window."""
+
+
+@dataclasses.dataclass
+class Window:
+    """What one window of steps produced, read back to the host once."""
+
+    first_step: int  # global step before the window's first step
+    last_step: int  # global step after the window's last step
+    losses: np.ndarray  # one loss per step, averaged over replicas
+    learning_rates: Sequence[float]  # one per step, as the optimizer had it for that step
+    seconds: float
+    examples: int  # global examples consumed in the window
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses[-1])
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What hooks may read, and their way to end the run at the next window end."""
+
+    mode: str
+    global_step: int
+    is_chief: bool
+    model_dir: Optional[str]
+    stop_requested: bool = False
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+
+class Hook:
+    """Override any of the three; each gets the RunContext."""
+
+    def begin(self, context: RunContext) -> None:
+        """Before the first step of train / evaluate / predict."""
+
+    def after_window(self, context: RunContext, window: Window) -> None:
+        """After each window of steps, with its per-step losses on the host."""
+
+    def end(self, context: RunContext) -> None:
+        """After the last window, once the final checkpoint (if any) is written."""
+
+    def last_step(self) -> Optional[int]:
+        """The global step this hook will stop at, if any, so the last window ends exactly there."""
+        return None
+
+
+class StopAtStepHook(Hook):
+    """Stops after `num_steps` more steps, or at global step `last_step`."""
+
+    def __init__(self, num_steps: Optional[int] = None, last_step: Optional[int] = None):
+        if (num_steps is None) == (last_step is None):
+            raise ValueError("StopAtStepHook takes exactly one of num_steps and last_step")
+        self._num_steps = num_steps
+        self._last_step = last_step
+
+    def begin(self, context: RunContext) -> None:
+        if self._num_steps is not None:
+            self._last_step = context.global_step + self._num_steps
+
+    def last_step(self) -> Optional[int]:
+        return self._last_step
+
+    def after_window(self, context: RunContext, window: Window) -> None:
+        if self._last_step is not None and window.last_step >= self._last_step:
+            context.request_stop()
+
+
+class NanLossGuard(Hook):
+    """Raises NanLossDuringTrainingError when any step of a window had a non-finite loss."""
+
+    def after_window(self, context: RunContext, window: Window) -> None:
+        bad = np.flatnonzero(~np.isfinite(window.losses))
+        if bad.size:
+            step = window.first_step + int(bad[0]) + 1
+            raise NanLossDuringTrainingError(
+                f"model_fn's loss is {window.losses[bad[0]]} at global step {step}; "
+                "stopped before writing a checkpoint for it"
+            )
+
+
+class LoggingHook(Hook):
+    """Logs `loss = …, step = …` and the step and example rates, as TF does, on the chief."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._last_logged = 0
+        self._steps, self._seconds, self._examples = 0, 0.0, 0
+
+    def begin(self, context: RunContext) -> None:
+        self._last_logged = context.global_step
+
+    def after_window(self, context: RunContext, window: Window) -> None:
+        self._steps += window.last_step - window.first_step
+        self._seconds += window.seconds
+        self._examples += window.examples
+        if not context.is_chief or window.last_step - self._last_logged < self.every_n_steps:
+            return
+        logger.info("loss = %.6g, step = %d", window.loss, window.last_step)
+        if self._seconds > 0:
+            logger.info("global_step/sec: %.4g", self._steps / self._seconds)
+            logger.info("examples/sec: %.4g", self._examples / self._seconds)
+        self._last_logged = window.last_step
+        self._steps, self._seconds, self._examples = 0, 0.0, 0
+
+
+def steps_in_window(window: Window, every_n_steps: int) -> list[int]:
+    """The global steps of a window that fall on a multiple of every_n_steps."""
+    first = math.floor(window.first_step / every_n_steps) * every_n_steps + every_n_steps
+    return list(range(first, window.last_step + 1, every_n_steps))
+
+
+class CheckpointSaverListener:
+    """Called around each checkpoint the chief writes during training (TF's saving_listeners)."""
+
+    def begin(self) -> None:
+        """Before training starts."""
+
+    def before_save(self, global_step: int) -> None:
+        """Before the checkpoint of global_step is written."""
+
+    def after_save(self, global_step: int, path: str) -> None:
+        """After the checkpoint of global_step is written to path."""
+
+    def end(self, global_step: int) -> None:
+        """After training, once the final checkpoint is written."""

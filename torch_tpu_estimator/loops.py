@@ -1,0 +1,207 @@
+"""The train loop over any runtime: a traced step, windows of steps, host work at window ends.
+
+Inside a window nothing is read back from the device: each step's loss stays a device tensor,
+and the window's losses come to the host in one transfer once the window ends. Hooks, logs,
+summaries and checkpoint decisions happen there and only there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, resolve_checkpoint_path, save_checkpoint
+from .config import RunConfig
+from .hooks import CheckpointSaverListener, Hook, LoggingHook, NanLossGuard, RunContext, Window
+from .input import HostBatch, InputPipeline, call_input_fn
+from .runtime.base import Runtime
+from .spec import ModeKeys, validate_spec
+from .summary import TrainSummaryHook
+from .training_state import ModelInitFn, OptimizerFn, TrainingState
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+ModelFn = Callable[..., Any]
+InputFn = Callable[[dict], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Everything a replica needs from the estimator to run one mode."""
+
+    model_fn: ModelFn
+    model_init_fn: ModelInitFn
+    optimizer_fn: Optional[OptimizerFn]
+    params: dict
+    config: RunConfig
+    model_dir: str
+    use_tpu: bool
+    global_batch_size: int
+    warm_start_from: Optional[str] = None
+
+    def replica_params(self, runtime: Runtime, mode: str, for_input: bool) -> dict:
+        """params for model_fn (per-replica batch) or input_fn (per-input-pipeline batch)."""
+        shards = runtime.num_input_pipelines if for_input else runtime.num_replicas
+        return {
+            **self.params,
+            "batch_size": self.global_batch_size // shards,
+            "context": runtime.context(mode),
+            "use_tpu": self.use_tpu,
+        }
+
+
+class _CheckpointSaver:
+    """Writes a checkpoint from the chief every `save_checkpoints_steps`, and at the end."""
+
+    def __init__(self, job: Job, runtime: Runtime, listeners: Sequence[CheckpointSaverListener],
+                 last_saved_step: int):
+        self.job, self.runtime, self.listeners = job, runtime, listeners
+        self.last_saved_step = last_saved_step
+
+    def maybe_save(self, state: TrainingState, final: bool = False) -> None:
+        every = self.job.config.save_checkpoints_steps
+        due = final or (every is not None and state.global_step - self.last_saved_step >= every)
+        if not due or state.global_step == self.last_saved_step:
+            return
+        if self.runtime.is_chief:
+            snapshot = state.capture(self.runtime)
+            for listener in self.listeners:
+                listener.before_save(state.global_step)
+            path = save_checkpoint(self.job.model_dir, snapshot, self.job.config.keep_checkpoint_max)
+            for listener in self.listeners:
+                listener.after_save(state.global_step, path)
+        self.runtime.barrier("checkpoint_saved")
+        self.last_saved_step = state.global_step
+
+
+def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBatch,
+                params: dict) -> torch.Tensor:
+    state.optimizer.zero_grad(set_to_none=True)
+    spec = validate_spec(
+        job.model_fn(state.model, batch.features, batch.labels, ModeKeys.TRAIN, params),
+        ModeKeys.TRAIN,
+    )
+    spec.loss.backward()
+    runtime.optimizer_step(state.optimizer)
+    if state.scheduler is not None:
+        state.scheduler.step()
+    runtime.step_boundary()
+    return spec.loss.detach()
+
+
+def _window_limit(job: Job, step: int, target: Optional[int], hooks: Sequence[Hook]) -> float:
+    """How many steps the next window may run: the window size, cut at the next stop."""
+    stops = [target] + [hook.last_step() for hook in hooks]
+    limit = min([stop - step for stop in stops if stop is not None], default=math.inf)
+    return min(job.config.tpu_config.window_steps or math.inf, limit)
+
+
+def _restore_or_warm_start(job: Job, runtime: Runtime, state: TrainingState) -> int:
+    """Restores the latest checkpoint of model_dir, or warm starts; returns the restored step."""
+    latest = latest_checkpoint(job.model_dir)
+    if latest is not None:
+        state.restore(latest, runtime)
+        logger.info("Restored %s (global step %d)", latest, state.global_step)
+    elif job.warm_start_from is not None:
+        source = resolve_checkpoint_path(job.warm_start_from)
+        state.restore(source, runtime, weights_only=True)
+        logger.info("Warm started the model's weights from %s", source)
+    return state.global_step
+
+
+def train_replica(
+    job: Job,
+    runtime: Runtime,
+    input_fn: InputFn,
+    hooks: Sequence[Hook],
+    steps: Optional[int],
+    max_steps: Optional[int],
+    saving_listeners: Sequence[CheckpointSaverListener],
+) -> int:
+    """Trains on this replica until the target step, a hook's stop, or the input's end."""
+    model_params = job.replica_params(runtime, ModeKeys.TRAIN, for_input=False)
+    state = TrainingState.build(runtime, job.model_init_fn, job.optimizer_fn, model_params,
+                                job.config.seed)
+    restored_step = _restore_or_warm_start(job, runtime, state)
+    target = max_steps if max_steps is not None else (
+        restored_step + steps if steps is not None else None)
+    if target is not None and restored_step >= target:
+        logger.info("Skipping training: global step %d is already at max_steps %d",
+                    restored_step, target)
+        return restored_step
+
+    input_params = job.replica_params(runtime, ModeKeys.TRAIN, for_input=True)
+    pipeline = InputPipeline(
+        call_input_fn(input_fn, input_params), ModeKeys.TRAIN, input_params["batch_size"],
+        runtime.context(ModeKeys.TRAIN), job.config.input_config, job.config.seed)
+    config = job.config
+    all_hooks: list[Hook] = [NanLossGuard()]
+    if config.log_step_count_steps:
+        all_hooks.append(LoggingHook(config.log_step_count_steps))
+    if config.save_summary_steps:
+        all_hooks.append(TrainSummaryHook(job.model_dir, config.save_summary_steps))
+    all_hooks.extend(hooks)
+    saver = _CheckpointSaver(job, runtime, saving_listeners, last_saved_step=restored_step)
+    context = RunContext(ModeKeys.TRAIN, state.global_step, runtime.is_chief, job.model_dir)
+    for listener in saving_listeners:
+        listener.begin()
+    for hook in all_hooks:
+        hook.begin(context)
+
+    state.model.train()
+    batches = runtime.device_batches(pipeline.batches(state.position))
+    try:
+        _run_windows(job, runtime, state, batches, model_params, target, all_hooks, context, saver)
+    finally:
+        batches.close()
+    saver.maybe_save(state, final=True)
+    for hook in all_hooks:
+        hook.end(context)
+    for listener in saving_listeners:
+        listener.end(state.global_step)
+    return state.global_step
+
+
+def _run_windows(job: Job, runtime: Runtime, state: TrainingState, batches: Iterator[HostBatch],
+                 model_params: dict, target: Optional[int], hooks: Sequence[Hook],
+                 context: RunContext, saver: _CheckpointSaver) -> None:
+    window_seconds = job.config.tpu_config.window_seconds or math.inf
+    while True:
+        limit = _window_limit(job, state.global_step, target, hooks)
+        losses: list[torch.Tensor] = []
+        learning_rates: list[float] = []
+        started = time.perf_counter()
+        exhausted = False
+        while len(losses) < limit and time.perf_counter() - started < window_seconds:
+            batch = next(batches, None)
+            if batch is None:
+                exhausted = True
+                break
+            learning_rates.append(state.learning_rate())
+            losses.append(_train_step(job, runtime, state, batch, model_params))
+            state.position = batch.position
+        if losses:
+            host_losses = torch.stack(runtime.to_host(losses)).double().numpy()
+            window = Window(
+                first_step=state.global_step,
+                last_step=state.global_step + len(losses),
+                losses=runtime.host_mean(host_losses),
+                learning_rates=learning_rates,
+                seconds=time.perf_counter() - started,
+                examples=len(losses) * job.global_batch_size,
+            )
+            state.global_step = context.global_step = window.last_step
+            for hook in hooks:
+                hook.after_window(context, window)
+            saver.maybe_save(state)
+        reached = target is not None and state.global_step >= target
+        if runtime.host_any(exhausted or reached or context.stop_requested):
+            if exhausted:
+                logger.info("Input ended at global step %d", state.global_step)
+            return

@@ -1,0 +1,108 @@
+"""What model_fn returns, per mode, and the checks that tell the user what is missing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+
+class ModeKeys:
+    """The three modes model_fn is called in, spelled as in tf.estimator."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+    PREDICT = "infer"
+    ALL = (TRAIN, EVAL, PREDICT)
+
+
+TensorsArg = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+FnAndTensors = tuple  # (callable, list or dict of tensors)
+
+
+@dataclasses.dataclass
+class TPUEstimatorSpec:
+    """model_fn's answer on any runtime.
+
+    loss: scalar tensor (TRAIN and EVAL).
+    eval_metrics: (metric_fn, tensors) run on the host over tensors gathered from every replica.
+    predictions: tensor or dict of tensors whose first axis is the batch (PREDICT).
+    host_call: (fn, tensors) run on the host at window ends in TRAIN, for custom summaries.
+    export_outputs: dict of output tensors for export; defaults to `predictions`.
+    """
+
+    mode: str
+    loss: Optional[torch.Tensor] = None
+    predictions: Optional[Union[torch.Tensor, Mapping[str, torch.Tensor]]] = None
+    eval_metrics: Optional[FnAndTensors] = None
+    host_call: Optional[FnAndTensors] = None
+    export_outputs: Optional[Mapping[str, torch.Tensor]] = None
+    training_hooks: Sequence[Any] = ()
+    evaluation_hooks: Sequence[Any] = ()
+    prediction_hooks: Sequence[Any] = ()
+
+
+@dataclasses.dataclass
+class EstimatorSpec:
+    """model_fn's answer for plain PyTorch execution (e.g. EVAL with `eval_on_tpu=False`).
+
+    eval_metric_ops: dict of name -> metric object with `update(...)` already applied is not
+    needed here; instead give `eval_metrics=(metric_fn, tensors)` exactly as in TPUEstimatorSpec.
+    """
+
+    mode: str
+    loss: Optional[torch.Tensor] = None
+    predictions: Optional[Union[torch.Tensor, Mapping[str, torch.Tensor]]] = None
+    eval_metrics: Optional[FnAndTensors] = None
+    export_outputs: Optional[Mapping[str, torch.Tensor]] = None
+    training_hooks: Sequence[Any] = ()
+    evaluation_hooks: Sequence[Any] = ()
+    prediction_hooks: Sequence[Any] = ()
+
+
+def _check_fn_and_tensors(name: str, value: Any) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and callable(value[0])):
+        raise ValueError(f"{name} must be a (fn, tensors) pair, got {type(value).__name__}")
+    if not isinstance(value[1], (list, tuple, dict)):
+        raise ValueError(
+            f"{name}[1] must be a list or dict of tensors, got {type(value[1]).__name__}"
+        )
+
+
+def validate_spec(spec: Any, mode: str) -> Union[TPUEstimatorSpec, EstimatorSpec]:
+    """Checks model_fn's return value for `mode` and says exactly what is wrong."""
+    if not isinstance(spec, (TPUEstimatorSpec, EstimatorSpec)):
+        raise TypeError(
+            f"model_fn must return a TPUEstimatorSpec or EstimatorSpec in mode {mode!r}, "
+            f"got {type(spec).__name__}"
+        )
+    if spec.mode != mode:
+        raise ValueError(f"model_fn was called in mode {mode!r} but returned a spec for {spec.mode!r}")
+    if mode in (ModeKeys.TRAIN, ModeKeys.EVAL):
+        loss = spec.loss
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(
+                f"model_fn must return a spec with a scalar tensor `loss` in mode {mode!r}, "
+                f"got {type(loss).__name__}"
+            )
+        if loss.dim() != 0:
+            raise ValueError(
+                f"model_fn's loss must be a scalar tensor in mode {mode!r}, "
+                f"got shape {tuple(loss.shape)}"
+            )
+        if mode == ModeKeys.TRAIN and not loss.requires_grad:
+            raise ValueError(
+                "model_fn's loss in mode 'train' does not require grad: it is not connected to "
+                "any trainable parameter"
+            )
+    if mode == ModeKeys.PREDICT and spec.predictions is None:
+        raise ValueError("model_fn must return a spec with `predictions` in mode 'infer'")
+    if spec.eval_metrics is not None:
+        _check_fn_and_tensors("eval_metrics", spec.eval_metrics)
+    if getattr(spec, "host_call", None) is not None:
+        _check_fn_and_tensors("host_call", spec.host_call)
+    return spec
+
+
+MetricFn = Callable[..., Mapping[str, Any]]

@@ -1,0 +1,49 @@
+"""TensorBoard event files through tensorboardX: training scalars in model_dir, eval in eval_dir."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from tensorboardX import SummaryWriter
+
+from .hooks import Hook, RunContext, Window, steps_in_window
+
+
+def eval_dir(model_dir: str, name: Optional[str] = None) -> str:
+    """Where evaluation `name` writes its events: `eval` or `eval_<name>` under model_dir."""
+    return os.path.join(model_dir, "eval" if not name else f"eval_{name}")
+
+
+class TrainSummaryHook(Hook):
+    """Writes loss, learning rate, global_step/sec and examples/sec every `every_n_steps` steps.
+
+    The window's per-step losses are on the host, so the loss written at step s is the loss of
+    step s exactly, wherever the window boundaries fall.
+    """
+
+    def __init__(self, model_dir: str, every_n_steps: int):
+        self.model_dir = model_dir
+        self.every_n_steps = every_n_steps
+        self._writer: Optional[SummaryWriter] = None
+
+    def begin(self, context: RunContext) -> None:
+        if context.is_chief:
+            self._writer = SummaryWriter(self.model_dir)
+
+    def after_window(self, context: RunContext, window: Window) -> None:
+        if self._writer is None:
+            return
+        seconds = window.seconds or float("inf")
+        steps_per_sec = (window.last_step - window.first_step) / seconds
+        for step in steps_in_window(window, self.every_n_steps):
+            index = step - window.first_step - 1
+            self._writer.add_scalar("loss", float(window.losses[index]), step)
+            self._writer.add_scalar("learning_rate", window.learning_rates[index], step)
+            self._writer.add_scalar("global_step/sec", steps_per_sec, step)
+            self._writer.add_scalar("examples/sec", window.examples / seconds, step)
+
+    def end(self, context: RunContext) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
