@@ -13,7 +13,8 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -68,7 +69,8 @@ def _read_index(model_dir: str) -> list[str]:
     except FileNotFoundError:
         return []
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{os.path.join(model_dir, INDEX_NAME)} is not a checkpoint index: {error}")
+        index = os.path.join(model_dir, INDEX_NAME)
+        raise ValueError(f"{index} is not a checkpoint index: {error}") from error
     return [name for name in names if os.path.exists(os.path.join(model_dir, name))]
 
 
@@ -77,20 +79,20 @@ def _write_index(model_dir: str, names: list[str]) -> None:
     atomic_write(os.path.join(model_dir, INDEX_NAME), lambda handle: handle.write(text.encode()))
 
 
-def all_checkpoints(model_dir: Optional[str]) -> list[str]:
+def all_checkpoints(model_dir: str | None) -> list[str]:
     """Paths of the kept checkpoints, oldest first."""
     if not model_dir or not os.path.isdir(model_dir):
         return []
     return [os.path.join(model_dir, name) for name in _read_index(model_dir)]
 
 
-def latest_checkpoint(model_dir: Optional[str]) -> Optional[str]:
+def latest_checkpoint(model_dir: str | None) -> str | None:
     """Path of the newest checkpoint in model_dir, or None."""
     paths = all_checkpoints(model_dir)
     return paths[-1] if paths else None
 
 
-def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: Optional[int]) -> str:
+def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None) -> str:
     """Writes `state` as the checkpoint of state["global_step"] and keeps the newest ones."""
     os.makedirs(model_dir, exist_ok=True)
     name = checkpoint_name(state["global_step"])

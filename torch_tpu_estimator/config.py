@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Union
 
 STRATEGIES = ("mp",)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
@@ -20,14 +19,14 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _positive_int_or_none(name: str, value: Optional[int]) -> None:
+def _positive_int_or_none(name: str, value: int | None) -> None:
     _require(
         value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
         f"{name} must be a positive int or None, got {value!r}",
     )
 
 
-def parse_iterations_per_loop(value: Union[int, str]) -> tuple[Optional[int], Optional[float]]:
+def parse_iterations_per_loop(value: int | str) -> tuple[int | None, float | None]:
     """Returns (steps, seconds): a window of a fixed step count, or a time budget like "30s"."""
     if isinstance(value, int) and not isinstance(value, bool):
         _require(value > 0, f"iterations_per_loop must be a positive int, got {value}")
@@ -74,8 +73,8 @@ class TPUConfig:
     strategy: "mp" runs one process per device (xmp.spawn); "spmd" runs one process over a mesh.
     """
 
-    iterations_per_loop: Union[int, str] = 2
-    num_shards: Optional[int] = None
+    iterations_per_loop: int | str = 2
+    num_shards: int | None = None
     per_host_input_for_training: bool = True
     strategy: str = "mp"
 
@@ -93,11 +92,11 @@ class TPUConfig:
         )
 
     @property
-    def window_steps(self) -> Optional[int]:
+    def window_steps(self) -> int | None:
         return parse_iterations_per_loop(self.iterations_per_loop)[0]
 
     @property
-    def window_seconds(self) -> Optional[float]:
+    def window_seconds(self) -> float | None:
         return parse_iterations_per_loop(self.iterations_per_loop)[1]
 
 
@@ -105,11 +104,11 @@ class TPUConfig:
 class RunConfig:
     """Where a run writes and how often: checkpoints, summaries, logs, and the seed."""
 
-    model_dir: Optional[str] = None
-    save_checkpoints_steps: Optional[int] = 100
-    keep_checkpoint_max: Optional[int] = 5
-    log_step_count_steps: Optional[int] = 100
-    save_summary_steps: Optional[int] = 100
+    model_dir: str | None = None
+    save_checkpoints_steps: int | None = 100
+    keep_checkpoint_max: int | None = 5
+    log_step_count_steps: int | None = 100
+    save_summary_steps: int | None = 100
     seed: int = 0
     tpu_config: TPUConfig = dataclasses.field(default_factory=TPUConfig)
     input_config: InputPipelineConfig = dataclasses.field(default_factory=InputPipelineConfig)
@@ -135,5 +134,5 @@ class RunConfig:
             f"input_config must be an InputPipelineConfig, got {type(self.input_config).__name__}",
         )
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)

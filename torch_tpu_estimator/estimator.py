@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_instances(name: str, values: Optional[Sequence[Any]], kind: type) -> list:
+def _check_instances(name: str, values: Sequence[Any] | None, kind: type) -> list:
     values = list(values or [])
     for value in values:
         if not isinstance(value, kind):
@@ -45,7 +46,7 @@ def _check_instances(name: str, values: Optional[Sequence[Any]], kind: type) -> 
     return values
 
 
-def _resolve_model_dir(model_dir: Optional[str], config: RunConfig) -> str:
+def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
     if model_dir and config.model_dir and os.path.abspath(model_dir) != os.path.abspath(config.model_dir):
         raise ValueError(
             f"model_dir={model_dir!r} and config.model_dir={config.model_dir!r} differ; give one"
@@ -70,20 +71,20 @@ class TPUEstimator:
 
     def __init__(
         self,
-        model_fn: Optional[ModelFn] = None,
-        model_dir: Optional[str] = None,
-        config: Optional[RunConfig] = None,
-        params: Optional[dict] = None,
+        model_fn: ModelFn | None = None,
+        model_dir: str | None = None,
+        config: RunConfig | None = None,
+        params: dict | None = None,
         use_tpu: bool = True,
-        train_batch_size: Optional[int] = None,
-        eval_batch_size: Optional[int] = None,
-        predict_batch_size: Optional[int] = None,
-        batch_axis: Optional[Sequence[int]] = None,
+        train_batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        predict_batch_size: int | None = None,
+        batch_axis: Sequence[int] | None = None,
         eval_on_tpu: bool = True,
-        warm_start_from: Optional[str] = None,
+        warm_start_from: str | None = None,
         *,
-        model_init_fn: Optional[ModelInitFn] = None,
-        optimizer_fn: Optional[OptimizerFn] = None,
+        model_init_fn: ModelInitFn | None = None,
+        optimizer_fn: OptimizerFn | None = None,
     ):
         _check_callable("model_fn", model_fn)
         _check_callable("model_init_fn", model_init_fn)
@@ -170,11 +171,11 @@ class TPUEstimator:
     def train(
         self,
         input_fn: InputFn,
-        hooks: Optional[Sequence[Hook]] = None,
-        steps: Optional[int] = None,
-        max_steps: Optional[int] = None,
-        saving_listeners: Optional[Sequence[CheckpointSaverListener]] = None,
-    ) -> "TPUEstimator":
+        hooks: Sequence[Hook] | None = None,
+        steps: int | None = None,
+        max_steps: int | None = None,
+        saving_listeners: Sequence[CheckpointSaverListener] | None = None,
+    ) -> TPUEstimator:
         """Trains: `steps` more steps, or up to global step `max_steps`, or until input ends."""
         _check_callable("input_fn", input_fn)
         if steps is not None and max_steps is not None:
@@ -194,7 +195,7 @@ class TPUEstimator:
         )
         return self
 
-    def latest_checkpoint(self) -> Optional[str]:
+    def latest_checkpoint(self) -> str | None:
         """Path of the newest checkpoint in model_dir, or None."""
         return checkpoint.latest_checkpoint(self._model_dir)
 
@@ -206,7 +207,7 @@ class TPUEstimator:
 
     def get_variable_names(self) -> list[str]:
         """Names of the model's tensors in the latest checkpoint, and `global_step`."""
-        return sorted(self._latest_state()["model"]) + ["global_step"]
+        return sorted([*self._latest_state()["model"], "global_step"])
 
     def get_variable_value(self, name: str) -> np.ndarray:
         """Value of one tensor of the latest checkpoint, as a NumPy array."""
@@ -217,6 +218,6 @@ class TPUEstimator:
             raise ValueError(f"no variable {name!r} in {self.latest_checkpoint()}")
         return state["model"][name].numpy()
 
-    def eval_dir(self, name: Optional[str] = None) -> str:
+    def eval_dir(self, name: str | None = None) -> str:
         """Where evaluation `name` writes its summaries."""
         return summary.eval_dir(self._model_dir, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class RunContext:
     mode: str
     global_step: int
     is_chief: bool
-    model_dir: Optional[str]
+    model_dir: str | None
     stop_requested: bool = False
 
     def request_stop(self) -> None:
@@ -63,7 +63,7 @@ class Hook:
     def end(self, context: RunContext) -> None:
         """After the last window, once the final checkpoint (if any) is written."""
 
-    def last_step(self) -> Optional[int]:
+    def last_step(self) -> int | None:
         """The global step this hook will stop at, if any, so the last window ends exactly there."""
         return None
 
@@ -71,7 +71,7 @@ class Hook:
 class StopAtStepHook(Hook):
     """Stops after `num_steps` more steps, or at global step `last_step`."""
 
-    def __init__(self, num_steps: Optional[int] = None, last_step: Optional[int] = None):
+    def __init__(self, num_steps: int | None = None, last_step: int | None = None):
         if (num_steps is None) == (last_step is None):
             raise ValueError("StopAtStepHook takes exactly one of num_steps and last_step")
         self._num_steps = num_steps
@@ -81,7 +81,7 @@ class StopAtStepHook(Hook):
         if self._num_steps is not None:
             self._last_step = context.global_step + self._num_steps
 
-    def last_step(self) -> Optional[int]:
+    def last_step(self) -> int | None:
         return self._last_step
 
     def after_window(self, context: RunContext, window: Window) -> None:

@@ -20,7 +20,8 @@ import dataclasses
 import itertools
 import logging
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -132,6 +133,23 @@ def _kind_of(source: Any) -> str:
     return "one_shot" if iterator is source else "batches"
 
 
+def _seeded_pass(batches: Iterable[Any], seed: int) -> Iterator[Any]:
+    """Iterates a user's iterable with the global torch RNG seeded by `seed` while the pass
+    starts (when a DataLoader draws its shuffle order), then restores the RNG as it was: the
+    pass order is reproducible on resume and the model's own random draws are left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        iterator = iter(batches)
+        first = next(iterator, _END)
+    if first is _END:
+        return
+    yield first
+    yield from iterator
+
+
+_END = object()
+
+
 class InputPipeline:
     """Turns input_fn's return value into HostBatches of `batch_size` rows for one pipeline."""
 
@@ -177,15 +195,16 @@ class InputPipeline:
         if self.kind == "map_dataset":
             yield from self._map_dataset_pass(epoch, skip)
         elif self.kind == "iterable_dataset":
-            loader = self._loader(self.source, batch_size=self.global_batch_size,
+            loader = self._loader(self.source, epoch, batch_size=self.global_batch_size,
                                   drop_last=self.training)
             yield from self._slices(itertools.islice(loader, skip, None))
         else:
-            torch.manual_seed(pass_seed(self.seed, epoch))  # a user DataLoader's shuffle order
-            yield from self._user_batches(itertools.islice(self.source, skip, None))
+            batches = _seeded_pass(self.source, pass_seed(self.seed, epoch))
+            yield from self._user_batches(itertools.islice(batches, skip, None))
 
-    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, num_workers=self.config.num_workers,
+    def _loader(self, dataset: Any, epoch: int, **kwargs: Any) -> DataLoader:
+        generator = torch.Generator().manual_seed(pass_seed(self.seed, epoch))
+        return DataLoader(dataset, num_workers=self.config.num_workers, generator=generator,
                           collate_fn=default_collate, **kwargs)
 
     def _map_dataset_pass(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any, int]]:
@@ -204,8 +223,8 @@ class InputPipeline:
             real_counts.append(len(rows))
             rows = rows + [order[-1]] * (self.batch_size - len(rows))
             index_batches.append(rows)
-        loader = self._loader(self.source, batch_sampler=index_batches)
-        for item, num_real in zip(loader, real_counts):
+        loader = self._loader(self.source, epoch, batch_sampler=index_batches)
+        for item, num_real in zip(loader, real_counts, strict=True):
             features, labels = split_example(item)
             yield features, labels, num_real
 

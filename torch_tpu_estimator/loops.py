@@ -11,9 +11,9 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, resolve_checkpoint_path, save_checkpoint
@@ -37,13 +37,13 @@ class Job:
 
     model_fn: ModelFn
     model_init_fn: ModelInitFn
-    optimizer_fn: Optional[OptimizerFn]
+    optimizer_fn: OptimizerFn | None
     params: dict
     config: RunConfig
     model_dir: str
     use_tpu: bool
     global_batch_size: int
-    warm_start_from: Optional[str] = None
+    warm_start_from: str | None = None
 
     def replica_params(self, runtime: Runtime, mode: str, for_input: bool) -> dict:
         """params for model_fn (per-replica batch) or input_fn (per-input-pipeline batch)."""
@@ -95,7 +95,7 @@ def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBat
     return spec.loss.detach()
 
 
-def _window_limit(job: Job, step: int, target: Optional[int], hooks: Sequence[Hook]) -> float:
+def _window_limit(job: Job, step: int, target: int | None, hooks: Sequence[Hook]) -> float:
     """How many steps the next window may run: the window size, cut at the next stop."""
     stops = [target] + [hook.last_step() for hook in hooks]
     limit = min([stop - step for stop in stops if stop is not None], default=math.inf)
@@ -120,8 +120,8 @@ def train_replica(
     runtime: Runtime,
     input_fn: InputFn,
     hooks: Sequence[Hook],
-    steps: Optional[int],
-    max_steps: Optional[int],
+    steps: int | None,
+    max_steps: int | None,
     saving_listeners: Sequence[CheckpointSaverListener],
 ) -> int:
     """Trains on this replica until the target step, a hook's stop, or the input's end."""
@@ -169,7 +169,7 @@ def train_replica(
 
 
 def _run_windows(job: Job, runtime: Runtime, state: TrainingState, batches: Iterator[HostBatch],
-                 model_params: dict, target: Optional[int], hooks: Sequence[Hook],
+                 model_params: dict, target: int | None, hooks: Sequence[Hook],
                  context: RunContext, saver: _CheckpointSaver) -> None:
     window_seconds = job.config.tpu_config.window_seconds or math.inf
     while True:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -17,7 +18,6 @@ class ModeKeys:
     ALL = (TRAIN, EVAL, PREDICT)
 
 
-TensorsArg = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 FnAndTensors = tuple  # (callable, list or dict of tensors)
 
 
@@ -33,11 +33,11 @@ class TPUEstimatorSpec:
     """
 
     mode: str
-    loss: Optional[torch.Tensor] = None
-    predictions: Optional[Union[torch.Tensor, Mapping[str, torch.Tensor]]] = None
-    eval_metrics: Optional[FnAndTensors] = None
-    host_call: Optional[FnAndTensors] = None
-    export_outputs: Optional[Mapping[str, torch.Tensor]] = None
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+    eval_metrics: FnAndTensors | None = None
+    host_call: FnAndTensors | None = None
+    export_outputs: Mapping[str, torch.Tensor] | None = None
     training_hooks: Sequence[Any] = ()
     evaluation_hooks: Sequence[Any] = ()
     prediction_hooks: Sequence[Any] = ()
@@ -45,17 +45,16 @@ class TPUEstimatorSpec:
 
 @dataclasses.dataclass
 class EstimatorSpec:
-    """model_fn's answer for plain PyTorch execution (e.g. EVAL with `eval_on_tpu=False`).
+    """model_fn's answer for plain PyTorch execution, e.g. EVAL with `eval_on_tpu=False`.
 
-    eval_metric_ops: dict of name -> metric object with `update(...)` already applied is not
-    needed here; instead give `eval_metrics=(metric_fn, tensors)` exactly as in TPUEstimatorSpec.
+    The fields mean what they mean in TPUEstimatorSpec; there is no host_call.
     """
 
     mode: str
-    loss: Optional[torch.Tensor] = None
-    predictions: Optional[Union[torch.Tensor, Mapping[str, torch.Tensor]]] = None
-    eval_metrics: Optional[FnAndTensors] = None
-    export_outputs: Optional[Mapping[str, torch.Tensor]] = None
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+    eval_metrics: FnAndTensors | None = None
+    export_outputs: Mapping[str, torch.Tensor] | None = None
     training_hooks: Sequence[Any] = ()
     evaluation_hooks: Sequence[Any] = ()
     prediction_hooks: Sequence[Any] = ()
@@ -70,7 +69,7 @@ def _check_fn_and_tensors(name: str, value: Any) -> None:
         )
 
 
-def validate_spec(spec: Any, mode: str) -> Union[TPUEstimatorSpec, EstimatorSpec]:
+def validate_spec(spec: Any, mode: str) -> TPUEstimatorSpec | EstimatorSpec:
     """Checks model_fn's return value for `mode` and says exactly what is wrong."""
     if not isinstance(spec, (TPUEstimatorSpec, EstimatorSpec)):
         raise TypeError(
@@ -104,5 +103,3 @@ def validate_spec(spec: Any, mode: str) -> Union[TPUEstimatorSpec, EstimatorSpec
         _check_fn_and_tensors("host_call", spec.host_call)
     return spec
 
-
-MetricFn = Callable[..., Mapping[str, Any]]

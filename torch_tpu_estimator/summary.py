@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from tensorboardX import SummaryWriter
 
 from .hooks import Hook, RunContext, Window, steps_in_window
 
 
-def eval_dir(model_dir: str, name: Optional[str] = None) -> str:
+def eval_dir(model_dir: str, name: str | None = None) -> str:
     """Where evaluation `name` writes its events: `eval` or `eval_<name>` under model_dir."""
     return os.path.join(model_dir, "eval" if not name else f"eval_{name}")
 
@@ -25,7 +24,7 @@ class TrainSummaryHook(Hook):
     def __init__(self, model_dir: str, every_n_steps: int):
         self.model_dir = model_dir
         self.every_n_steps = every_n_steps
-        self._writer: Optional[SummaryWriter] = None
+        self._writer: SummaryWriter | None = None
 
     def begin(self, context: RunContext) -> None:
         if context.is_chief:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,8 +76,8 @@ class TrainingState:
     """What a training replica holds between steps."""
 
     model: torch.nn.Module
-    optimizer: Optional[torch.optim.Optimizer]
-    scheduler: Optional[Any]
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any | None
     global_step: int = 0
     position: InputPosition = InputPosition()
 
@@ -85,10 +86,10 @@ class TrainingState:
         cls,
         runtime: Runtime,
         model_init_fn: ModelInitFn,
-        optimizer_fn: Optional[OptimizerFn],
+        optimizer_fn: OptimizerFn | None,
         params: dict,
         seed: int,
-    ) -> "TrainingState":
+    ) -> TrainingState:
         """Builds the module (seeded) on the replica's device, then its optimizer."""
         seed_everything(seed)
         module = model_init_fn(dict(params))

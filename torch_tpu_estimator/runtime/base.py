@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -109,9 +110,9 @@ class Runtime(abc.ABC):
     def barrier(self, name: str) -> None:
         """Waits for every replica to reach `name`."""
 
-    def get_device_rng_state(self) -> Optional[int]:
+    def get_device_rng_state(self) -> int | None:
         """The device RNG seed where the device has its own RNG (XLA), else None."""
         return None
 
-    def set_device_rng_state(self, state: Optional[int]) -> None:
+    def set_device_rng_state(self, state: int | None) -> None:
         """Restores what `get_device_rng_state` returned."""

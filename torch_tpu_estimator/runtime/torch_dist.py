@@ -5,7 +5,8 @@ This is the `use_tpu=False` runtime: the same model_fn and input_fn, no XLA trac
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,7 +21,7 @@ class TorchRuntime(Runtime):
 
     name = "torch"
 
-    def __init__(self, num_shards: Optional[int] = None):
+    def __init__(self, num_shards: int | None = None):
         if num_shards not in (None, 1):
             raise ValueError(
                 f"num_shards={num_shards} needs several processes; this runtime runs one"

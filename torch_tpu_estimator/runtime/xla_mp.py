@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from .base import Runtime
 
 T = TypeVar("T")
 
-_pending_worker: Optional[Callable[[], Any]] = None  # handed to forked replicas by inheritance
+_pending_worker: Callable[[], Any] | None = None  # handed to forked replicas by inheritance
 
 
 def local_device_count() -> int:
@@ -66,7 +67,7 @@ class XlaMpRuntime(Runtime):
 
     name = "xla_mp"
 
-    def __init__(self, num_shards: Optional[int] = None):
+    def __init__(self, num_shards: int | None = None):
         count = local_device_count()
         if num_shards is not None and num_shards != count:
             raise ValueError(
@@ -138,9 +139,9 @@ class XlaMpRuntime(Runtime):
         if self.num_replicas > 1:
             xm.rendezvous(name)
 
-    def get_device_rng_state(self) -> Optional[int]:
+    def get_device_rng_state(self) -> int | None:
         return xm.get_rng_state(self.device)
 
-    def set_device_rng_state(self, state: Optional[int]) -> None:
+    def set_device_rng_state(self, state: int | None) -> None:
         if state is not None:
             xm.set_rng_state(state, self.device)
