@@ -26,16 +26,15 @@ class TrainSummaryHook(Hook):
         self.every_n_steps = every_n_steps
         self._writer: SummaryWriter | None = None
 
-    def begin(self, context: RunContext) -> None:
-        if context.is_chief:
-            self._writer = SummaryWriter(self.model_dir)
-
     def after_window(self, context: RunContext, window: Window) -> None:
-        if self._writer is None:
+        steps = steps_in_window(window, self.every_n_steps)
+        if not context.is_chief or not steps:
             return
+        if self._writer is None:  # opened on first use: a run that fails early writes nothing
+            self._writer = SummaryWriter(self.model_dir)
         seconds = window.seconds or float("inf")
         steps_per_sec = (window.last_step - window.first_step) / seconds
-        for step in steps_in_window(window, self.every_n_steps):
+        for step in steps:
             index = step - window.first_step - 1
             self._writer.add_scalar("loss", float(window.losses[index]), step)
             self._writer.add_scalar("learning_rate", window.learning_rates[index], step)
