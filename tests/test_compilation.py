@@ -1,0 +1,52 @@
+"""Training compiles a fixed number of graphs and reads back once per window (torch_xla metrics).
+
+Runs in a fresh interpreter so no other test's compiled graphs are in the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = r"""
+import json, sys
+import torch_xla.debug.metrics as met
+from helpers import adam_with_schedule, make_data, make_estimator
+from torch_tpu_estimator import Hook
+
+def count(name):
+    data = met.metric_data(name)
+    return data[0] if data else 0
+
+class MetricsRecorder(Hook):
+    rows = []
+    def after_window(self, context, window):
+        self.rows.append((window.last_step, count("CompileTime"), count("TransferFromDeviceTime")))
+
+data = make_data(100)
+estimator = make_estimator(sys.argv[1], iterations_per_loop=10, optimizer_fn=adam_with_schedule,
+                           dropout=0.2, save_checkpoints_steps=None, log_step_count_steps=50,
+                           save_summary_steps=25)
+estimator.train(lambda params: data, max_steps=200, hooks=[MetricsRecorder()])
+print(json.dumps(MetricsRecorder.rows))
+"""
+
+
+def test_compilations_do_not_grow_and_one_transfer_per_window(tmp_path):
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
+               PYTHONPATH=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    steps = [step for step, _, _ in rows]
+    compiles = [compiled for _, compiled, _ in rows]
+    transfers = [moved for _, _, moved in rows]
+    assert steps == list(range(10, 201, 10))
+    # The first window compiles the step (and Adam's first step, which creates its state);
+    # after that, 180 more steps compile nothing.
+    assert compiles[-1] == compiles[1] <= 3
+    # Between two window ends: exactly one device-to-host transfer (the window's losses).
+    assert [later - earlier for earlier, later in zip(transfers, transfers[1:])] == [1] * 19
