@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -106,7 +107,10 @@ class XlaMpRuntime(Runtime):
         return xr.global_ordinal()
 
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
-        loader = pl.MpDeviceLoader(_capture_failures(host_batches), self.device)
+        # Steps are cut by step_boundary alone: every mark_step advances the XLA RNG seed, so
+        # exactly one per step keeps dropout identical however windows and resumes fall.
+        loader = pl.MpDeviceLoader(_capture_failures(host_batches), self.device,
+                                   batches_per_execution=sys.maxsize)
         iterator = iter(loader)
         try:
             for batch in iterator:
