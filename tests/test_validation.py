@@ -188,3 +188,17 @@ def test_model_init_fn_and_optimizer_fn_return_types(tmp_path):
 def test_validate_spec_says_what_is_wrong(spec, mode, error, message):
     with pytest.raises(error, match=message):
         validate_spec(spec, mode)
+
+
+def test_checkpoint_of_a_different_model_names_missing_and_unexpected_keys(tmp_path):
+    make_estimator(tmp_path).train(lambda params: make_data(16), steps=1)
+    before = sorted(path.name for path in tmp_path.iterdir())
+    other = _estimator(model_dir=str(tmp_path),
+                       model_init_fn=lambda p: torch.nn.Sequential(torch.nn.Linear(8, 2)))
+    with pytest.raises(ValueError, match=r"missing keys \['0.weight', '0.bias'\], unexpected keys "
+                                         r"\['layers.0.weight'"):
+        other.train(lambda params: make_data(16), steps=1)
+    wider = _estimator(model_dir=str(tmp_path), model_init_fn=lambda p: Net(hidden=32))
+    with pytest.raises(ValueError, match="(?s)does not fit the model .*size mismatch for layers.0.weight"):
+        wider.train(lambda params: make_data(16), steps=1)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before

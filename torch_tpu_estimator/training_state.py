@@ -62,7 +62,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_model_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
     """Loads a state dict, naming the missing and unexpected keys when it does not fit."""
-    result = unwrap(model).load_state_dict(weights, strict=False)
+    try:
+        result = unwrap(model).load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        raise ValueError(f"checkpoint {source!r} does not fit the model built by "
+                         f"model_init_fn: {error}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"checkpoint {source!r} does not fit the model built by model_init_fn: "
