@@ -80,6 +80,33 @@ class _CheckpointSaver:
         self.last_saved_step = state.global_step
 
 
+class WindowedBatches:
+    """Hands out a run's device batches window by window; remembers when the input ended."""
+
+    def __init__(self, batches: Iterator[HostBatch], config: RunConfig):
+        self.batches = batches
+        self.window_steps = config.tpu_config.window_steps or math.inf
+        self.window_seconds = config.tpu_config.window_seconds or math.inf
+        self.exhausted = False
+        self.started = time.perf_counter()
+
+    def window(self, limit: float = math.inf) -> Iterator[HostBatch]:
+        """The next window's batches: at most `limit` and the window size, within its time budget."""
+        self.started = time.perf_counter()
+        count, limit = 0, min(limit, self.window_steps)
+        while count < limit and time.perf_counter() - self.started < self.window_seconds:
+            batch = next(self.batches, None)
+            if batch is None:
+                self.exhausted = True
+                return
+            count += 1
+            yield batch
+
+    def seconds(self) -> float:
+        """Time since the current window started."""
+        return time.perf_counter() - self.started
+
+
 def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBatch,
                 params: dict) -> torch.Tensor:
     state.optimizer.zero_grad(set_to_none=True)
@@ -95,11 +122,10 @@ def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBat
     return spec.loss.detach()
 
 
-def _window_limit(job: Job, step: int, target: int | None, hooks: Sequence[Hook]) -> float:
-    """How many steps the next window may run: the window size, cut at the next stop."""
+def _steps_to_next_stop(step: int, target: int | None, hooks: Sequence[Hook]) -> float:
+    """Steps left before the target or a hook's last step, so the last window lands on it."""
     stops = [target] + [hook.last_step() for hook in hooks]
-    limit = min([stop - step for stop in stops if stop is not None], default=math.inf)
-    return min(job.config.tpu_config.window_steps or math.inf, limit)
+    return min([stop - step for stop in stops if stop is not None], default=math.inf)
 
 
 def _restore_or_warm_start(job: Job, runtime: Runtime, state: TrainingState) -> int:
@@ -157,7 +183,8 @@ def train_replica(
     state.model.train()
     batches = runtime.device_batches(pipeline.batches(state.position))
     try:
-        _run_windows(job, runtime, state, batches, model_params, target, all_hooks, context, saver)
+        _run_windows(job, runtime, state, WindowedBatches(batches, config), model_params, target,
+                     all_hooks, context, saver)
     finally:
         batches.close()
     saver.maybe_save(state, final=True)
@@ -168,21 +195,13 @@ def train_replica(
     return state.global_step
 
 
-def _run_windows(job: Job, runtime: Runtime, state: TrainingState, batches: Iterator[HostBatch],
-                 model_params: dict, target: int | None, hooks: Sequence[Hook],
+def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: WindowedBatches,
+                 model_params: dict, target: Optional[int], hooks: Sequence[Hook],
                  context: RunContext, saver: _CheckpointSaver) -> None:
-    window_seconds = job.config.tpu_config.window_seconds or math.inf
     while True:
-        limit = _window_limit(job, state.global_step, target, hooks)
         losses: list[torch.Tensor] = []
         learning_rates: list[float] = []
-        started = time.perf_counter()
-        exhausted = False
-        while len(losses) < limit and time.perf_counter() - started < window_seconds:
-            batch = next(batches, None)
-            if batch is None:
-                exhausted = True
-                break
+        for batch in windows.window(_steps_to_next_stop(state.global_step, target, hooks)):
             learning_rates.append(state.learning_rate())
             losses.append(_train_step(job, runtime, state, batch, model_params))
             state.position = batch.position
@@ -193,7 +212,7 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, batches: Iter
                 last_step=state.global_step + len(losses),
                 losses=runtime.host_mean(host_losses),
                 learning_rates=learning_rates,
-                seconds=time.perf_counter() - started,
+                seconds=windows.seconds(),
                 examples=len(losses) * job.global_batch_size,
             )
             state.global_step = context.global_step = window.last_step
@@ -201,7 +220,7 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, batches: Iter
                 hook.after_window(context, window)
             saver.maybe_save(state)
         reached = target is not None and state.global_step >= target
-        if runtime.host_any(exhausted or reached or context.stop_requested):
-            if exhausted:
+        if runtime.host_any(windows.exhausted or reached or context.stop_requested):
+            if windows.exhausted:
                 logger.info("Input ended at global step %d", state.global_step)
             return
