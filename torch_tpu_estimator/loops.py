@@ -196,7 +196,7 @@ def train_replica(
 
 
 def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: WindowedBatches,
-                 model_params: dict, target: Optional[int], hooks: Sequence[Hook],
+                 model_params: dict, target: int | None, hooks: Sequence[Hook],
                  context: RunContext, saver: _CheckpointSaver) -> None:
     while True:
         losses: list[torch.Tensor] = []
