@@ -51,7 +51,7 @@ def adam_with_schedule(model, params):
 
 def make_estimator(model_dir, use_tpu=True, iterations_per_loop=4, optimizer_fn=sgd,
                    dropout=0.0, params=None, train_batch_size=8, fn=model_fn, warm_start_from=None,
-                   **config):
+                   eval_on_tpu=True, **config):
     config.setdefault("log_step_count_steps", 1)
     return TPUEstimator(
         model_fn=fn,
@@ -62,7 +62,7 @@ def make_estimator(model_dir, use_tpu=True, iterations_per_loop=4, optimizer_fn=
         config=RunConfig(tpu_config=TPUConfig(iterations_per_loop=iterations_per_loop), **config),
         params=dict(params or {}),
         train_batch_size=train_batch_size, eval_batch_size=8, predict_batch_size=8,
-        warm_start_from=warm_start_from)
+        warm_start_from=warm_start_from, eval_on_tpu=eval_on_tpu)
 
 
 def checkpoint_weights(estimator) -> dict:

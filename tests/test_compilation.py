@@ -50,3 +50,39 @@ def test_compilations_do_not_grow_and_one_transfer_per_window(tmp_path):
     assert compiles[-1] == compiles[1] <= 3
     # Between two window ends: exactly one device-to-host transfer (the window's losses).
     assert [later - earlier for earlier, later in zip(transfers, transfers[1:], strict=False)] == [1] * 19
+
+
+EVAL_SCRIPT = r"""
+import json, sys
+import torch_xla.debug.metrics as met
+import torch.nn.functional as F
+from helpers import make_data, make_estimator
+from test_eval_predict import exact_model_fn
+
+def compiles():
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+estimator = make_estimator(sys.argv[1], fn=exact_model_fn, iterations_per_loop=3)
+estimator.train(lambda params: make_data(64), steps=2)
+counts = {}
+for mode in ("eval", "predict"):
+    for size in (29, 1, 8, 9, 50):
+        before = compiles()
+        if mode == "eval":
+            estimator.evaluate(lambda params: make_data(size))
+        else:
+            list(estimator.predict(lambda params: make_data(size)))
+        counts.setdefault(mode, []).append(compiles() - before)
+print(json.dumps(counts))
+"""
+
+
+def test_eval_and_predict_compile_one_graph_whatever_the_data_set_size(tmp_path):
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
+               PYTHONPATH=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, "-c", EVAL_SCRIPT, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts == {"eval": [1, 0, 0, 0, 0], "predict": [1, 0, 0, 0, 0]}

@@ -9,21 +9,24 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import checkpoint, summary
-from .config import RunConfig
+from .config import RunConfig, TPUConfig
 from .hooks import CheckpointSaverListener, Hook
+from .inference import evaluate_replica, predict_replica
 from .loops import InputFn, Job, ModelFn, train_replica
 from .runtime import Runtime, resolve_runtime
+from .spec import ModeKeys
 from .training_state import ModelInitFn, OptimizerFn
 
 logger = logging.getLogger("torch_tpu_estimator")
 
 RESERVED_PARAMS = ("batch_size", "context", "use_tpu")
+_MODE_NAMES = {ModeKeys.TRAIN: "train", ModeKeys.EVAL: "eval", ModeKeys.PREDICT: "predict"}
 
 
 def _check_callable(name: str, value: Any, required: bool = True) -> None:
@@ -115,9 +118,9 @@ class TPUEstimator:
             )
         self._runtime: Runtime = resolve_runtime(use_tpu, config.tpu_config)
         self._batch_sizes = {}
-        for mode, size in (("train", train_batch_size), ("eval", eval_batch_size),
-                           ("predict", predict_batch_size)):
-            name = f"{mode}_batch_size"
+        for mode, size in ((ModeKeys.TRAIN, train_batch_size), (ModeKeys.EVAL, eval_batch_size),
+                           (ModeKeys.PREDICT, predict_batch_size)):
+            name = f"{_MODE_NAMES[mode]}_batch_size"
             _check_positive_int(name, size)
             replicas = self._runtime.num_replicas
             if size is not None and size % replicas:
@@ -182,18 +185,79 @@ class TPUEstimator:
             raise ValueError("Can not provide both steps and max_steps")
         _check_positive_int("steps", steps)
         _check_positive_int("max_steps", max_steps)
-        if self._batch_sizes["train"] is None:
+        if self._batch_sizes[ModeKeys.TRAIN] is None:
             raise ValueError("train_batch_size must be set in the constructor to train")
         if self._optimizer_fn is None:
             raise ValueError("optimizer_fn must be given in the constructor to train")
         hooks = _check_instances("hooks", hooks, Hook)
         listeners = _check_instances("saving_listeners", saving_listeners, CheckpointSaverListener)
-        job = self._job("train")
+        job = self._job(ModeKeys.TRAIN)
         runtime = self._runtime
         runtime.launch(
             lambda: train_replica(job, runtime, input_fn, hooks, steps, max_steps, listeners)
         )
         return self
+
+    def _checkpoint_to_use(self, checkpoint_path: str | None) -> str:
+        if checkpoint_path is not None:
+            return checkpoint.resolve_checkpoint_path(checkpoint_path)
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise ValueError(
+                f"Could not find a trained model in model_dir {self._model_dir!r}: train first "
+                "or give checkpoint_path"
+            )
+        return latest
+
+    def _inference_job(self, mode: str, input_fn: InputFn, hooks: Sequence[Hook] | None) -> tuple:
+        _check_callable("input_fn", input_fn)
+        if self._batch_sizes[mode] is None:
+            raise ValueError(f"{_MODE_NAMES[mode]}_batch_size must be set in the constructor to "
+                             f"{_MODE_NAMES[mode]}")
+        return self._job(mode), _check_instances("hooks", hooks, Hook)
+
+    def evaluate(
+        self,
+        input_fn: InputFn,
+        steps: int | None = None,
+        hooks: Sequence[Hook] | None = None,
+        checkpoint_path: str | None = None,
+        name: str | None = None,
+    ) -> dict[str, float]:
+        """Evaluates the latest (or given) checkpoint over the whole input, or `steps` batches.
+
+        Returns the metrics of eval_metrics, `loss` (the mean over real examples) and
+        `global_step`, and writes them to `eval_dir(name)`.
+        """
+        job, hooks = self._inference_job(ModeKeys.EVAL, input_fn, hooks)
+        _check_positive_int("steps", steps)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        path = self._checkpoint_to_use(checkpoint_path)
+        runtime = self._runtime if self._eval_on_tpu else resolve_runtime(False, TPUConfig())
+        return runtime.launch(
+            lambda: evaluate_replica(job, runtime, input_fn, steps, hooks, path, name))
+
+    def predict(
+        self,
+        input_fn: InputFn,
+        predict_keys: Sequence[str] | None = None,
+        hooks: Sequence[Hook] | None = None,
+        checkpoint_path: str | None = None,
+        yield_single_examples: bool = True,
+    ) -> Iterator[Any]:
+        """Yields predictions in input order, padding removed: one per example, or per batch.
+
+        Each item is a dict of CPU tensors (or a tensor when model_fn's predictions is one).
+        """
+        job, hooks = self._inference_job(ModeKeys.PREDICT, input_fn, hooks)
+        if predict_keys is not None and (isinstance(predict_keys, str) or not all(
+                isinstance(key, str) for key in predict_keys)):
+            raise TypeError("predict_keys must be a list of str")
+        path = self._checkpoint_to_use(checkpoint_path)
+        runtime = self._runtime
+        return runtime.stream(lambda: predict_replica(
+            job, runtime, input_fn, predict_keys, hooks, path, yield_single_examples))
 
     def latest_checkpoint(self) -> str | None:
         """Path of the newest checkpoint in model_dir, or None."""

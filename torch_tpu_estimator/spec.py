@@ -25,7 +25,9 @@ FnAndTensors = tuple  # (callable, list or dict of tensors)
 class TPUEstimatorSpec:
     """model_fn's answer on any runtime.
 
-    loss: scalar tensor (TRAIN and EVAL).
+    loss: scalar tensor (TRAIN and EVAL). In EVAL it may also be one value per example (a
+      `reduction="none"` loss), which makes the reported loss exact on a padded last batch;
+      a scalar loss is weighted by the batch's number of real examples.
     eval_metrics: (metric_fn, tensors) run on the host over tensors gathered from every replica.
     predictions: tensor or dict of tensors whose first axis is the batch (PREDICT).
     host_call: (fn, tensors) run on the host at window ends in TRAIN, for custom summaries.
@@ -85,10 +87,12 @@ def validate_spec(spec: Any, mode: str) -> TPUEstimatorSpec | EstimatorSpec:
                 f"model_fn must return a spec with a scalar tensor `loss` in mode {mode!r}, "
                 f"got {type(loss).__name__}"
             )
-        if loss.dim() != 0:
+        per_example_ok = mode == ModeKeys.EVAL and loss.dim() == 1
+        if loss.dim() != 0 and not per_example_ok:
             raise ValueError(
-                f"model_fn's loss must be a scalar tensor in mode {mode!r}, "
-                f"got shape {tuple(loss.shape)}"
+                f"model_fn's loss must be a scalar tensor in mode {mode!r}"
+                + (" (or one value per example)" if mode == ModeKeys.EVAL else "")
+                + f", got shape {tuple(loss.shape)}"
             )
         if mode == ModeKeys.TRAIN and not loss.requires_grad:
             raise ValueError(

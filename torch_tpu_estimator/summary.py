@@ -14,6 +14,13 @@ def eval_dir(model_dir: str, name: str | None = None) -> str:
     return os.path.join(model_dir, "eval" if not name else f"eval_{name}")
 
 
+def write_scalars(directory: str, values: dict[str, float], step: int) -> None:
+    """Writes one scalar per name at `step` into the event files of `directory`."""
+    with SummaryWriter(directory) as writer:
+        for name, value in values.items():
+            writer.add_scalar(name, value, step)
+
+
 class TrainSummaryHook(Hook):
     """Writes loss, learning rate, global_step/sec and examples/sec every `every_n_steps` steps.
 

@@ -114,12 +114,13 @@ class TrainingState:
         runtime.set_device_rng_state(seed)
         return cls(model, optimizer, scheduler)
 
-    def restore(self, path: str, runtime: Runtime, weights_only: bool = False) -> None:
-        """Loads a checkpoint; `weights_only` takes the module's weights and nothing else."""
+    def restore(self, path: str, runtime: Runtime, weights_only: bool = False) -> int:
+        """Loads a checkpoint and returns its global step; `weights_only` takes the module's
+        weights and nothing else."""
         state = load_checkpoint(path)
         load_model_weights(self.model, state["model"], path)
         if weights_only:
-            return
+            return state["global_step"]
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
@@ -128,6 +129,7 @@ class TrainingState:
         self.position = InputPosition(**state["input_position"])
         _restore_host_rng(state["rng"])
         runtime.set_device_rng_state(state["rng"]["device"])
+        return self.global_step
 
     def capture(self, runtime: Runtime) -> dict:
         """Everything needed to continue this run exactly, in CPU memory (one device transfer)."""

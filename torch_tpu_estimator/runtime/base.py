@@ -103,6 +103,18 @@ class Runtime(abc.ABC):
         """Element-wise mean of a host array over replicas (identity with one replica)."""
         return values
 
+    def host_gather(self, value: T) -> list[T]:
+        """Every replica's host value, in replica order (a one-item list with one replica)."""
+        return [value]
+
+    def stream(self, worker: Callable[[], Iterator[T]]) -> Iterator[T]:
+        """Runs a generator `worker` on every replica and yields the chief's items in the caller.
+
+        Replicas living in the caller's process are streamed lazily, so a consumer that stops
+        early stops the work; a launcher of separate processes gathers the items first.
+        """
+        yield from worker()
+
     def host_any(self, flag: bool) -> bool:
         """True when any replica's flag is true (identity with one replica)."""
         return flag

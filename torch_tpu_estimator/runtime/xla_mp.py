@@ -134,6 +134,17 @@ class XlaMpRuntime(Runtime):
             return values
         return xm.mesh_reduce("host_mean", values, lambda all_values: np.mean(all_values, axis=0))
 
+    def host_gather(self, value: T) -> list[T]:
+        if self.num_replicas == 1:
+            return [value]
+        return xm.mesh_reduce("host_gather", value, list)
+
+    def stream(self, worker: Callable[[], Iterator[T]]) -> Iterator[T]:
+        if self.num_replicas == 1:
+            yield from worker()
+        else:
+            yield from self.launch(lambda: list(worker()))
+
     def host_any(self, flag: bool) -> bool:
         if self.num_replicas == 1:
             return flag
