@@ -13,9 +13,14 @@ from .hooks import (
     Window,
 )
 from .runtime.base import ReplicaContext
+from .schedule import EarlyStopping, EvalHook, KeepBestCheckpoint, train_and_evaluate
 from .spec import EstimatorSpec, ModeKeys, TPUEstimatorSpec
 
 __all__ = [
+    "EarlyStopping",
+    "EvalHook",
+    "KeepBestCheckpoint",
+    "train_and_evaluate",
     "CheckpointSaverListener",
     "EstimatorSpec",
     "Hook",

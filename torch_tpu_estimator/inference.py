@@ -19,7 +19,7 @@ from .input import InputPipeline, call_input_fn
 from .loops import InputFn, Job, WindowedBatches
 from .metrics import Metric
 from .runtime.base import Runtime
-from .spec import ModeKeys, validate_spec
+from .spec import ModeKeys, call_with_tensors, validate_spec
 from .summary import eval_dir, write_scalars
 from .training_state import TrainingState
 
@@ -71,12 +71,6 @@ def _merge_metrics(total: dict[str, Metric] | None, new: Any) -> dict[str, Metri
     return {name: total[name].merge(value) for name, value in new.items()}
 
 
-def _call_with(fn: Any, tensors: Any, **extra: Any) -> Any:
-    if isinstance(tensors, dict):
-        return fn(**tensors, **extra)
-    return fn(*tensors, **extra)
-
-
 def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int | None,
                      hooks: Sequence[Hook], checkpoint_path: str, name: str | None) -> dict:
     """Evaluates a checkpoint over the whole input (or `steps` batches); returns the metrics."""
@@ -106,7 +100,7 @@ def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int |
             loss_sum += float(losses.double().sum())
             examples += losses.numel()
             if metric_fn is not None:
-                metrics = _merge_metrics(metrics, _call_with(metric_fn, tensors))
+                metrics = _merge_metrics(metrics, call_with_tensors(metric_fn, tensors))
             for hook in hooks:
                 hook.after_window(context, Window(global_step, global_step, losses.numpy(), [],
                                                   windows.seconds(), losses.numel()))

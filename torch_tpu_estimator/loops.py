@@ -8,6 +8,7 @@ summaries and checkpoint decisions happen there and only there.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -18,12 +19,14 @@ import torch
 
 from .checkpoint import latest_checkpoint, resolve_checkpoint_path, save_checkpoint
 from .config import RunConfig
+from .gather import real_examples
 from .hooks import CheckpointSaverListener, Hook, LoggingHook, NanLossGuard, RunContext, Window
 from .input import HostBatch, InputPipeline, call_input_fn
 from .runtime.base import Runtime
-from .spec import ModeKeys, validate_spec
+from .spec import ModeKeys, call_with_tensors, validate_spec
 from .summary import TrainSummaryHook
 from .training_state import ModelInitFn, OptimizerFn, TrainingState
+from .tree import map_tensors
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -108,7 +111,7 @@ class WindowedBatches:
 
 
 def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBatch,
-                params: dict) -> torch.Tensor:
+                params: dict) -> tuple[torch.Tensor, Any]:
     state.optimizer.zero_grad(set_to_none=True)
     spec = validate_spec(
         job.model_fn(state.model, batch.features, batch.labels, ModeKeys.TRAIN, params),
@@ -119,7 +122,22 @@ def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBat
     if state.scheduler is not None:
         state.scheduler.step()
     runtime.step_boundary()
-    return spec.loss.detach()
+    return spec.loss.detach(), spec.host_call
+
+
+def _run_host_call(runtime: Runtime, fn: Callable[..., Any], per_step: list[Any],
+                   first_step: int, batch_size: int) -> None:
+    """Calls a TRAIN spec's host_call fn on the chief once per step of the window, with that
+    step's tensors gathered from every replica (and `global_step=` when fn takes it)."""
+    gathered = runtime.host_gather(per_step)
+    if not runtime.is_chief:
+        return
+    takes_step = "global_step" in inspect.signature(fn).parameters
+    for index in range(len(per_step)):
+        tensors = real_examples([[replica[index]] for replica in gathered],
+                                [[batch_size]] * len(gathered))
+        extra = {"global_step": first_step + index + 1} if takes_step else {}
+        call_with_tensors(fn, tensors, **extra)
 
 
 def _steps_to_next_stop(step: int, target: int | None, hooks: Sequence[Hook]) -> float:
@@ -201,12 +219,22 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: Wind
     while True:
         losses: list[torch.Tensor] = []
         learning_rates: list[float] = []
+        host_call_tensors: list[Any] = []
+        host_call_fn = None
         for batch in windows.window(_steps_to_next_stop(state.global_step, target, hooks)):
             learning_rates.append(state.learning_rate())
-            losses.append(_train_step(job, runtime, state, batch, model_params))
+            loss, host_call = _train_step(job, runtime, state, batch, model_params)
+            losses.append(loss)
+            if host_call is not None:
+                host_call_fn, tensors = host_call
+                host_call_tensors.append(map_tensors(torch.Tensor.detach, tensors))
             state.position = batch.position
         if losses:
-            host_losses = torch.stack(runtime.to_host(losses)).double().numpy()
+            host_losses, host_call_tensors = runtime.to_host([losses, host_call_tensors])
+            if host_call_fn is not None:
+                _run_host_call(runtime, host_call_fn, host_call_tensors, state.global_step,
+                               model_params["batch_size"])
+            host_losses = torch.stack(host_losses).double().numpy()
             window = Window(
                 first_step=state.global_step,
                 last_step=state.global_step + len(losses),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -107,3 +107,10 @@ def validate_spec(spec: Any, mode: str) -> TPUEstimatorSpec | EstimatorSpec:
         _check_fn_and_tensors("host_call", spec.host_call)
     return spec
 
+
+
+def call_with_tensors(fn: Callable[..., Any], tensors: Any, **extra: Any) -> Any:
+    """Calls the fn of an (fn, tensors) pair: a dict as keyword arguments, a list as positional."""
+    if isinstance(tensors, dict):
+        return fn(**tensors, **extra)
+    return fn(*tensors, **extra)

@@ -1,0 +1,112 @@
+"""train_and_evaluate: train N steps, evaluate, repeat; with eval hooks for the best checkpoint
+and early stopping on an eval metric."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+
+from .checkpoint import atomic_write
+from .estimator import TPUEstimator
+from .loops import InputFn
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+
+class EvalHook:
+    """Called after each evaluation of train_and_evaluate; return False to stop training."""
+
+    def after_evaluation(self, results: dict[str, float], checkpoint_path: str) -> bool:
+        return True
+
+
+def _improves(value: float, best: float | None, higher_is_better: bool, min_delta: float) -> bool:
+    if best is None:
+        return not math.isnan(value)
+    return value > best + min_delta if higher_is_better else value < best - min_delta
+
+
+class KeepBestCheckpoint(EvalHook):
+    """Copies the checkpoint with the best `metric` so far into `directory`, with `best.json`
+    naming it and its eval results (so keep_checkpoint_max never deletes the best one)."""
+
+    def __init__(self, directory: str, metric: str = "loss", higher_is_better: bool = False):
+        self.directory, self.metric, self.higher_is_better = directory, metric, higher_is_better
+        self.best: float | None = None
+
+    def after_evaluation(self, results: dict[str, float], checkpoint_path: str) -> bool:
+        if self.metric not in results:
+            raise ValueError(f"KeepBestCheckpoint metric {self.metric!r} is not among the eval "
+                             f"results {sorted(results)}")
+        if _improves(results[self.metric], self.best, self.higher_is_better, 0.0):
+            self.best = results[self.metric]
+            os.makedirs(self.directory, exist_ok=True)
+            target = os.path.join(self.directory, os.path.basename(checkpoint_path))
+            with open(checkpoint_path, "rb") as source:
+                atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
+            record = json.dumps({"checkpoint": os.path.basename(target), "results": results})
+            atomic_write(os.path.join(self.directory, "best.json"),
+                         lambda handle: handle.write(record.encode()))
+            logger.info("New best %s = %.6g: kept %s", self.metric, self.best, target)
+        return True
+
+
+class EarlyStopping(EvalHook):
+    """Stops train_and_evaluate when `metric` has not improved by `min_delta` for `patience`
+    evaluations in a row."""
+
+    def __init__(self, metric: str = "loss", higher_is_better: bool = False, patience: int = 3,
+                 min_delta: float = 0.0):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.metric, self.higher_is_better = metric, higher_is_better
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.stale = 0
+
+    def after_evaluation(self, results: dict[str, float], checkpoint_path: str) -> bool:
+        if _improves(results[self.metric], self.best, self.higher_is_better, self.min_delta):
+            self.best, self.stale = results[self.metric], 0
+            return True
+        self.stale += 1
+        if self.stale >= self.patience:
+            logger.info("Early stopping: %s did not improve for %d evaluations", self.metric,
+                        self.stale)
+            return False
+        return True
+
+
+def train_and_evaluate(
+    estimator: TPUEstimator,
+    train_input_fn: InputFn,
+    eval_input_fn: InputFn,
+    max_steps: int,
+    steps_between_evals: int,
+    eval_steps: int | None = None,
+    eval_name: str | None = None,
+    eval_hooks: Sequence[EvalHook] = (),
+) -> list[dict[str, float]]:
+    """Alternates `steps_between_evals` training steps and one evaluation until `max_steps` or an
+    eval hook says stop; returns every evaluation's results."""
+    for name, value in (("max_steps", max_steps), ("steps_between_evals", steps_between_evals)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for hook in eval_hooks:
+        if not isinstance(hook, EvalHook):
+            raise TypeError(f"eval_hooks must hold EvalHook instances, got {type(hook).__name__}")
+    history: list[dict[str, float]] = []
+    step = int(estimator.get_variable_value("global_step")) if estimator.latest_checkpoint() else 0
+    while step < max_steps:
+        step = min(step + steps_between_evals, max_steps)
+        estimator.train(train_input_fn, max_steps=step)
+        results = estimator.evaluate(eval_input_fn, steps=eval_steps, name=eval_name)
+        history.append(results)
+        checkpoint_path = estimator.latest_checkpoint()
+        keep_going = [hook.after_evaluation(results, checkpoint_path) for hook in eval_hooks]
+        if not all(keep_going):
+            break
+    return history
