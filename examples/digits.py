@@ -15,7 +15,15 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from torch_tpu_estimator import ModeKeys, RunConfig, TPUConfig, TPUEstimator, TPUEstimatorSpec
+from torch_tpu_estimator import (
+    Hook,
+    ModeKeys,
+    RunConfig,
+    TPUConfig,
+    TPUEstimator,
+    TPUEstimatorSpec,
+    metrics,
+)
 
 
 def digits_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -39,11 +47,30 @@ class MLP(torch.nn.Module):
         return self.layers(images)
 
 
+def metric_fn(labels, logits):
+    """Runs on the host over every held-out example, padding removed."""
+    return {"accuracy": metrics.accuracy(labels, logits.argmax(-1))}
+
+
 def model_fn(model, features, labels, mode, params):
     logits = model(features)
     if mode == ModeKeys.PREDICT:
         return TPUEstimatorSpec(mode, predictions={"class": logits.argmax(-1), "logits": logits})
+    if mode == ModeKeys.EVAL:
+        per_example_loss = F.cross_entropy(logits, labels, reduction="none")
+        return TPUEstimatorSpec(mode, loss=per_example_loss, eval_metrics=(metric_fn, [labels, logits]))
     return TPUEstimatorSpec(mode, loss=F.cross_entropy(logits, labels))
+
+
+class FirstAndLastLoss(Hook):
+    """Remembers the first and last training loss the windows report."""
+
+    def __init__(self):
+        self.first = self.last = None
+
+    def after_window(self, context, window):
+        self.first = float(window.losses[0]) if self.first is None else self.first
+        self.last = window.loss
 
 
 def optimizer_fn(model, params):
@@ -73,10 +100,22 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    train_set, _ = digits_datasets()
+    train_set, test_set = digits_datasets()
     estimator = make_estimator(args.model_dir, use_tpu=not args.no_tpu)
-    estimator.train(lambda params: train_set, max_steps=args.steps)
-    print(f"trained to {estimator.latest_checkpoint()}")
+    losses = FirstAndLastLoss()
+    estimator.train(lambda params: train_set, max_steps=args.steps, hooks=[losses])
+    if losses.first is not None:
+        print(f"training loss fell from {losses.first:.3f} to {losses.last:.3f}")
+
+    results = estimator.evaluate(lambda params: test_set)
+    print(f"held-out accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f} over "
+          f"{len(test_set)} digits at step {results['global_step']}")
+
+    images_only = TensorDataset(test_set.tensors[0])
+    predictions = list(estimator.predict(lambda params: images_only))
+    correct = sum(int(p["class"]) == int(y) for p, y in zip(predictions, test_set.tensors[1], strict=True))
+    print(f"predicted {len(predictions)} digits, {correct} correct; first five: "
+          f"{[int(p['class']) for p in predictions[:5]]}")
 
 
 if __name__ == "__main__":

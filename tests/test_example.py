@@ -1,0 +1,23 @@
+"""The digits example trains, evaluates and predicts end to end, as `make demo` runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
+
+
+def test_digits_example_learns_held_out_digits(tmp_path):
+    result = subprocess.run(
+        [sys.executable, EXAMPLE, "--model-dir", str(tmp_path), "--steps", "400"],
+        env=dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1"),
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = map(float, re.search(r"loss fell from ([\d.]+) to ([\d.]+)", result.stdout).groups())
+    assert last < 0.25 * first
+    accuracy = float(re.search(r"held-out accuracy ([\d.]+)", result.stdout).group(1))
+    assert accuracy > 0.9
+    assert "predicted 360 digits" in result.stdout
