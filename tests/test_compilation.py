@@ -34,13 +34,18 @@ print(json.dumps(MetricsRecorder.rows))
 """
 
 
-def test_compilations_do_not_grow_and_one_transfer_per_window(tmp_path):
+def run_fresh(script: str, model_dir) -> object:
+    """Runs `script` in a new interpreter (empty compile cache) and returns its last JSON line."""
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
                PYTHONPATH=os.path.dirname(__file__))
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env,
+    result = subprocess.run([sys.executable, "-c", script, str(model_dir)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_compilations_do_not_grow_and_one_transfer_per_window(tmp_path):
+    rows = run_fresh(SCRIPT, tmp_path)
     steps = [step for step, _, _ in rows]
     compiles = [compiled for _, compiled, _ in rows]
     transfers = [moved for _, _, moved in rows]
@@ -79,10 +84,5 @@ print(json.dumps(counts))
 
 
 def test_eval_and_predict_compile_one_graph_whatever_the_data_set_size(tmp_path):
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
-               PYTHONPATH=os.path.dirname(__file__))
-    result = subprocess.run([sys.executable, "-c", EVAL_SCRIPT, str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    counts = run_fresh(EVAL_SCRIPT, tmp_path)
     assert counts == {"eval": [1, 0, 0, 0, 0], "predict": [1, 0, 0, 0, 0]}

@@ -27,7 +27,7 @@ class Window:
 
     first_step: int  # global step before the window's first step
     last_step: int  # global step after the window's last step
-    losses: np.ndarray  # one loss per step, averaged over replicas
+    losses: np.ndarray  # TRAIN: one loss per step, replica mean; EVAL: one per real example
     learning_rates: Sequence[float]  # one per step, as the optimizer had it for that step
     seconds: float
     examples: int  # global examples consumed in the window
