@@ -42,20 +42,6 @@ def _weights(weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class Mean(Metric):
-    """Weighted mean: sum(w * x) / sum(w)."""
-
-    total: float = 0.0
-    count: float = 0.0
-
-    def merge(self, other: Metric) -> Mean:
-        return Mean(self.total + other.total, self.count + other.count)
-
-    def result(self) -> float:
-        return self.total / self.count if self.count else float("nan")
-
-
-@dataclasses.dataclass
 class Ratio(Metric):
     """numerator / denominator, both summed over examples (precision, recall, ...)."""
 
@@ -63,10 +49,17 @@ class Ratio(Metric):
     denominator: float = 0.0
 
     def merge(self, other: Metric) -> Ratio:
-        return Ratio(self.numerator + other.numerator, self.denominator + other.denominator)
+        return type(self)(self.numerator + other.numerator, self.denominator + other.denominator)
 
     def result(self) -> float:
         return self.numerator / self.denominator if self.denominator else 0.0
+
+
+class Mean(Ratio):
+    """Weighted mean: sum(w * x) / sum(w); NaN over no examples."""
+
+    def result(self) -> float:
+        return super().result() if self.denominator else float("nan")
 
 
 def mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> Mean:
