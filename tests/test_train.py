@@ -75,7 +75,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, use_tpu):
         for slot, value in slots.items():
             assert torch.equal(split_state["optimizer"]["state"][index][slot], value), (index, slot)
     assert split_state["scheduler"] == whole_state["scheduler"]
-    assert split_state["input_position"] == whole_state["input_position"] == {"epoch": 2, "batch": 6}
+    assert split_state["input_positions"] == whole_state["input_positions"] == {
+        "host": {"epoch": 2, "batch": 6}}
 
 
 def test_steps_add_to_restored_step_and_max_steps_is_absolute(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-STRATEGIES = ("mp",)
+STRATEGIES = ("mp", "spmd")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
 _SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -67,10 +67,15 @@ class TPUConfig:
 
     iterations_per_loop: steps run on the device between two visits of the host (hooks, logs,
       summaries, checkpoints); an int, or a time budget such as "30s".
-    num_shards: number of replicas; None means every local device (or the launcher's world size).
-    per_host_input_for_training: True calls input_fn once per host and shards its batches over
-      the replicas; False calls it once per replica, with `params["context"]` naming the shard.
-    strategy: "mp" runs one process per device (xmp.spawn); "spmd" runs one process over a mesh.
+    num_shards: number of replicas. With use_tpu: None means every local device, and any other
+      value must match it. With use_tpu=False: None is one process (or torchrun's WORLD_SIZE);
+      N > 1 makes the estimator launch N CPU processes joined by gloo.
+    per_host_input_for_training: True calls input_fn once per process with the global batch and
+      gives each replica its rows of every batch; False calls it once per replica with the
+      per-replica batch and `params["context"]` naming the shard input_fn must read. Eval and
+      predict always read per-host input.
+    strategy: XLA only. "mp" runs one process per device (xmp.spawn); "spmd" runs one process
+      over a mesh of every local device (GSPMD), where model_fn sees the global batch.
     """
 
     iterations_per_loop: int | str = 2

@@ -15,8 +15,7 @@ import torch
 
 from .gather import real_examples
 from .hooks import Hook, RunContext, Window
-from .input import InputPipeline, call_input_fn
-from .loops import InputFn, Job, WindowedBatches
+from .loops import InputFn, Job, open_windows
 from .metrics import Metric
 from .runtime.base import Runtime
 from .spec import ModeKeys, call_with_tensors, validate_spec
@@ -28,19 +27,11 @@ logger = logging.getLogger("torch_tpu_estimator")
 
 def _restored_model(job: Job, runtime: Runtime, mode: str, checkpoint_path: str
                     ) -> tuple[TrainingState, dict, int]:
-    params = job.replica_params(runtime, mode, for_input=False)
+    params = job.model_params(runtime, mode)
     state = TrainingState.build(runtime, job.model_init_fn, None, params, job.config.seed)
     global_step = state.restore(checkpoint_path, runtime, weights_only=True)
     state.model.eval()
     return state, params, global_step
-
-
-def _windows(job: Job, runtime: Runtime, mode: str, input_fn: InputFn) -> WindowedBatches:
-    input_params = job.replica_params(runtime, mode, for_input=True)
-    pipeline = InputPipeline(
-        call_input_fn(input_fn, input_params), mode, input_params["batch_size"],
-        runtime.context(mode), job.config.input_config, job.config.seed)
-    return WindowedBatches(runtime.device_batches(pipeline.batches()), job.config)
 
 
 def _gathered_window(runtime: Runtime, outputs: list[Any], num_reals: list[int]) -> Any:
@@ -75,7 +66,7 @@ def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int |
                      hooks: Sequence[Hook], checkpoint_path: str, name: str | None) -> dict:
     """Evaluates a checkpoint over the whole input (or `steps` batches); returns the metrics."""
     state, params, global_step = _restored_model(job, runtime, ModeKeys.EVAL, checkpoint_path)
-    windows = _windows(job, runtime, ModeKeys.EVAL, input_fn)
+    windows = open_windows(job, runtime, ModeKeys.EVAL, input_fn)
     context = RunContext(ModeKeys.EVAL, global_step, runtime.is_chief, job.model_dir)
     for hook in hooks:
         hook.begin(context)
@@ -145,7 +136,7 @@ def predict_replica(job: Job, runtime: Runtime, input_fn: InputFn,
                     checkpoint_path: str, yield_single_examples: bool) -> Iterator[Any]:
     """Yields predictions in input order, padding removed, per example or per batch."""
     state, params, global_step = _restored_model(job, runtime, ModeKeys.PREDICT, checkpoint_path)
-    windows = _windows(job, runtime, ModeKeys.PREDICT, input_fn)
+    windows = open_windows(job, runtime, ModeKeys.PREDICT, input_fn)
     context = RunContext(ModeKeys.PREDICT, global_step, runtime.is_chief, job.model_dir)
     for hook in hooks:
         hook.begin(context)

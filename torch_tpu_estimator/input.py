@@ -1,13 +1,19 @@
-"""From input_fn to fixed-shape host batches: batching, sharding per input pipeline, padding, resume.
+"""From input_fn to fixed-shape host batches: batching, sharding over replicas, padding, resume.
 
 input_fn(params) may return
   - a map-style `Dataset` of single examples: batched here, reshuffled every pass in training
-    (seeded by RunConfig.seed and the pass number), sharded so that input pipeline r of N takes
-    the r-th slice of every global batch;
-  - an `IterableDataset` of single examples: batched here into global batches, then sliced;
+    (seeded by RunConfig.seed and the pass number);
+  - an `IterableDataset` of single examples: batched here;
   - a `DataLoader` or any re-iterable of batches: used as it is, restarted every pass;
   - a one-shot iterator of batches: read once; in training it ends the run when it runs out.
 An example or batch is `(features, labels)` or `features` alone; features is a tensor or a dict.
+
+Two layouts (see `input_shards`). Per-host input (eval, predict, and training by default): each
+process calls input_fn once, with `params["batch_size"]` the global batch, and keeps its own rows
+of every global batch; from a Dataset only those rows are loaded. So one replica and N replicas
+see the same examples at the same steps. Per-replica input (training with
+`per_host_input_for_training=False`): input_fn is called once per replica with the per-replica
+batch and `params["context"]` naming its shard, and its batches are used as they are.
 
 Every batch has the same leading size, so each mode compiles one graph: training keeps whole
 batches only, eval and predict pad the last one (repeating its last example) and report how many
@@ -24,11 +30,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from .config import InputPipelineConfig
-from .runtime.base import ReplicaContext
+from .runtime.base import ReplicaContext, Runtime
 from .spec import ModeKeys
 from .tree import map_tensors, tensors_of
 
@@ -45,12 +52,49 @@ class InputPosition:
 
 @dataclasses.dataclass
 class HostBatch:
-    """One step's input for one input pipeline, and where the input stands once it is consumed."""
+    """One step's input for this process, and where each of its input streams stands once the
+    batch is consumed (keyed by `InputShard.key`)."""
 
     features: Any
     labels: Any
     num_real: int
-    position: InputPosition
+    positions: dict[str, InputPosition]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputShard:
+    """One input_fn call made in this process, and the rows of its batches that this process keeps.
+
+    batch_size is `params["batch_size"]` of the call: the rows of each batch its data is cut into.
+    This process keeps slice `keep_index` of `keep_count` equal slices of every such batch.
+    """
+
+    key: str
+    context: ReplicaContext
+    batch_size: int
+    keep_index: int = 0
+    keep_count: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Rows of every batch this process feeds from this call."""
+        return self.batch_size // self.keep_count
+
+
+def input_shards(runtime: Runtime, mode: str, global_batch_size: int,
+                 per_host: bool) -> list[InputShard]:
+    """The input_fn calls this process makes for `mode`: one per host, or one per local replica.
+
+    Per-replica input is a training layout only, as in TPUEstimator; eval and predict read
+    per-host input so that no example is dropped or seen twice.
+    """
+    if per_host or mode != ModeKeys.TRAIN or runtime.num_replicas == 1:
+        return [InputShard("host", runtime.context(mode), global_batch_size,
+                           runtime.process_index, runtime.num_processes)]
+    replicas = runtime.num_replicas
+    return [InputShard(f"replica{replica}", runtime.context(mode, replica, (replica, replicas)),
+                       global_batch_size // replicas)
+            for replica in runtime.local_replica_ids]
 
 
 def pass_seed(seed: int, epoch: int) -> int:
@@ -151,29 +195,20 @@ _END = object()
 
 
 class InputPipeline:
-    """Turns input_fn's return value into HostBatches of `batch_size` rows for one pipeline."""
+    """Turns what one input_fn call returned into HostBatches of `shard.rows` rows."""
 
-    def __init__(
-        self,
-        source: Any,
-        mode: str,
-        batch_size: int,
-        context: ReplicaContext,
-        config: InputPipelineConfig,
-        seed: int,
-    ):
+    def __init__(self, source: Any, mode: str, shard: InputShard, config: InputPipelineConfig,
+                 seed: int):
         self.source = source
         self.kind = _kind_of(source)
         self.mode = mode
-        self.batch_size = batch_size
-        self.context = context
+        self.shard = shard
+        self.batch_size = shard.rows
+        self.global_batch_size = shard.batch_size
+        self.first_row = shard.keep_index * shard.rows
         self.config = config
         self.seed = seed
         self.training = mode == ModeKeys.TRAIN
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.context.num_input_pipelines
 
     def batches(self, start: InputPosition = InputPosition()) -> Iterator[HostBatch]:
         """Training: pass after pass from `start` while passes restart; otherwise one pass."""
@@ -182,13 +217,14 @@ class InputPipeline:
             produced = 0
             for index, (features, labels, num_real) in enumerate(self._one_pass(epoch, skip)):
                 produced += 1
-                yield HostBatch(features, labels, num_real, InputPosition(epoch, skip + index + 1))
+                position = InputPosition(epoch, skip + index + 1)
+                yield HostBatch(features, labels, num_real, {self.shard.key: position})
             if not self.training or self.kind == "one_shot":
                 return
             if produced == 0 and skip == 0:
                 raise ValueError(
-                    f"input_fn's data yields no complete training batch of {self.batch_size} "
-                    f"examples per input pipeline (global batch {self.global_batch_size})"
+                    f"input_fn's data yields no complete training batch of "
+                    f"{self.global_batch_size} examples (params['batch_size'])"
                 )
 
     def _one_pass(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any, int]]:
@@ -200,7 +236,7 @@ class InputPipeline:
             yield from self._slices(itertools.islice(loader, skip, None))
         else:
             batches = _seeded_pass(self.source, pass_seed(self.seed, epoch))
-            yield from self._user_batches(itertools.islice(batches, skip, None))
+            yield from self._slices(itertools.islice(batches, skip, None))
 
     def _loader(self, dataset: Any, epoch: int, **kwargs: Any) -> DataLoader:
         generator = torch.Generator().manual_seed(pass_seed(self.seed, epoch))
@@ -215,10 +251,9 @@ class InputPipeline:
         else:
             order = list(range(size))
         steps = size // global_batch if self.training else math.ceil(size / global_batch)
-        first = self.context.input_pipeline_id * self.batch_size
         index_batches, real_counts = [], []
         for step in range(skip, steps):
-            start = step * global_batch + first
+            start = step * global_batch + self.first_row
             rows = order[start:start + self.batch_size]
             real_counts.append(len(rows))
             rows = rows + [order[-1]] * (self.batch_size - len(rows))
@@ -229,37 +264,45 @@ class InputPipeline:
             yield features, labels, num_real
 
     def _slices(self, global_batches: Iterable[Any]) -> Iterator[tuple[Any, Any, int]]:
-        first = self.context.input_pipeline_id * self.batch_size
+        """This process's rows of every batch, padded to `batch_size` rows; in training a batch
+        smaller than params["batch_size"] is skipped (one graph), and a larger one is an error."""
+        warned = False
+        first, size = self.first_row, self.batch_size
         for item in global_batches:
             features, labels = split_example(item)
             rows = batch_size_of(features, labels)
-            num_real = max(0, min(self.batch_size, rows - first))
-            if num_real:
-                piece = map_tensors(lambda t: t[first:first + self.batch_size], (features, labels))
-            else:  # this pipeline's slice of the last global batch is all padding
-                piece = map_tensors(lambda t: t[-1:], (features, labels))
-            features, labels = pad_rows(piece, self.batch_size)
-            yield features, labels, num_real
-
-    def _user_batches(self, batches: Iterable[Any]) -> Iterator[tuple[Any, Any, int]]:
-        warned = False
-        for item in batches:
-            features, labels = split_example(item)
-            rows = batch_size_of(features, labels)
-            if rows > self.batch_size:
+            if rows > self.global_batch_size:
                 raise ValueError(
                     f"input_fn produced a batch of {rows} examples but params['batch_size'] is "
-                    f"{self.batch_size}"
+                    f"{self.global_batch_size}"
                 )
-            if rows < self.batch_size and self.training:
+            if rows < self.global_batch_size and self.training:
                 if not warned:
                     logger.warning(
                         "skipping a training batch of %d examples (batch_size %d): training "
                         "keeps whole batches only, so that one graph is compiled",
-                        rows, self.batch_size,
+                        rows, self.global_batch_size,
                     )
                     warned = True
                 continue
-            if rows < self.batch_size:
-                features, labels = pad_rows((features, labels), self.batch_size)
-            yield features, labels, rows
+            num_real = max(0, min(size, rows - first))
+            if num_real:
+                piece = map_tensors(lambda t: t[first:first + size], (features, labels))
+            else:  # this process's slice of the last batch is all padding
+                piece = map_tensors(lambda t: t[-1:], (features, labels))
+            features, labels = pad_rows(piece, size)
+            yield features, labels, num_real
+
+
+def concatenated(streams: list[Iterator[HostBatch]]) -> Iterator[HostBatch]:
+    """One batch per step from several local input streams (per-replica input in SPMD), joined
+    in replica order along the batch dimension; ends with the shortest stream."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    for parts in zip(*streams, strict=False):
+        flat = [tree_flatten((part.features, part.labels)) for part in parts]
+        joined = [torch.cat(column) for column in zip(*(leaves for leaves, _ in flat), strict=True)]
+        features, labels = tree_unflatten(joined, flat[0][1])
+        positions = {key: value for part in parts for key, value in part.positions.items()}
+        yield HostBatch(features, labels, sum(part.num_real for part in parts), positions)

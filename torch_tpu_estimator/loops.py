@@ -21,7 +21,14 @@ from .checkpoint import latest_checkpoint, resolve_checkpoint_path, save_checkpo
 from .config import RunConfig
 from .gather import real_examples
 from .hooks import CheckpointSaverListener, Hook, LoggingHook, NanLossGuard, RunContext, Window
-from .input import HostBatch, InputPipeline, call_input_fn
+from .input import (
+    HostBatch,
+    InputPipeline,
+    InputPosition,
+    call_input_fn,
+    concatenated,
+    input_shards,
+)
 from .runtime.base import Runtime
 from .spec import ModeKeys, call_with_tensors, validate_spec
 from .summary import TrainSummaryHook
@@ -48,15 +55,34 @@ class Job:
     global_batch_size: int
     warm_start_from: str | None = None
 
-    def replica_params(self, runtime: Runtime, mode: str, for_input: bool) -> dict:
-        """params for model_fn (per-replica batch) or input_fn (per-input-pipeline batch)."""
-        shards = runtime.num_input_pipelines if for_input else runtime.num_replicas
-        return {
-            **self.params,
-            "batch_size": self.global_batch_size // shards,
-            "context": runtime.context(mode),
-            "use_tpu": self.use_tpu,
-        }
+    @property
+    def per_host_input(self) -> bool:
+        return self.config.tpu_config.per_host_input_for_training
+
+    def model_params(self, runtime: Runtime, mode: str) -> dict:
+        """params for model_fn: the batch one model_fn call sees, and its replica's context."""
+        return {**self.params, "batch_size": runtime.model_fn_batch_size(self.global_batch_size),
+                "context": runtime.context(mode), "use_tpu": self.use_tpu}
+
+    def host_batches(self, runtime: Runtime, mode: str, input_fn: InputFn,
+                     positions: dict[str, InputPosition]) -> Iterator[HostBatch]:
+        """This process's host batches: input_fn called once per InputShard (each from its
+        saved position), batched and sliced, joined step by step when there are several."""
+        streams = []
+        for shard in input_shards(runtime, mode, self.global_batch_size, self.per_host_input):
+            params = {**self.params, "batch_size": shard.batch_size, "context": shard.context,
+                      "use_tpu": self.use_tpu}
+            pipeline = InputPipeline(call_input_fn(input_fn, params), mode, shard,
+                                     self.config.input_config, self.config.seed)
+            streams.append(pipeline.batches(positions.get(shard.key, InputPosition())))
+        return concatenated(streams)
+
+    def agrees_each_step(self, runtime: Runtime, mode: str) -> bool:
+        """Whether processes must agree before every step: when a time budget, or per-replica
+        input whose streams may end at different steps, could make their windows differ."""
+        uneven_input = mode == ModeKeys.TRAIN and not self.per_host_input
+        timed = self.config.tpu_config.window_seconds is not None
+        return runtime.num_processes > 1 and (timed or uneven_input)
 
 
 class _CheckpointSaver:
@@ -72,8 +98,11 @@ class _CheckpointSaver:
         due = final or (every is not None and state.global_step - self.last_saved_step >= every)
         if not due or state.global_step == self.last_saved_step:
             return
+        positions = {}
+        for replica_positions in self.runtime.host_gather(state.positions):
+            positions.update(replica_positions)
         if self.runtime.is_chief:
-            snapshot = state.capture(self.runtime)
+            snapshot = state.capture(self.runtime, positions)
             for listener in self.listeners:
                 listener.before_save(state.global_step)
             path = save_checkpoint(self.job.model_dir, snapshot, self.job.config.keep_checkpoint_max)
@@ -84,24 +113,43 @@ class _CheckpointSaver:
 
 
 class WindowedBatches:
-    """Hands out a run's device batches window by window; remembers when the input ended."""
+    """Hands out a run's device batches window by window; remembers when the input ended.
 
-    def __init__(self, batches: Iterator[HostBatch], config: RunConfig):
+    Every process must run the same steps in a window (their collectives pair up). With step
+    count windows over per-host input they do by construction. Otherwise (`agree_each_step`)
+    the processes agree before each step, in one host collective, on whether any stream has
+    ended and whether the chief's time budget is spent. One batch is read ahead for that, and
+    kept for the next window when this one ends first.
+    """
+
+    def __init__(self, batches: Iterator[HostBatch], config: RunConfig, runtime: Runtime,
+                 agree_each_step: bool = False):
         self.batches = batches
+        self.runtime = runtime
+        self.agree_each_step = agree_each_step
         self.window_steps = config.tpu_config.window_steps or math.inf
         self.window_seconds = config.tpu_config.window_seconds or math.inf
         self.exhausted = False
         self.started = time.perf_counter()
+        self._ahead: HostBatch | None = None
 
     def window(self, limit: float = math.inf) -> Iterator[HostBatch]:
         """The next window's batches: at most `limit` and the window size, within its time budget."""
         self.started = time.perf_counter()
         count, limit = 0, min(limit, self.window_steps)
-        while count < limit and time.perf_counter() - self.started < self.window_seconds:
-            batch = next(self.batches, None)
-            if batch is None:
+        while count < limit and not self.exhausted:
+            if self._ahead is None:
+                self._ahead = next(self.batches, None)
+            ended = self._ahead is None
+            time_up = self.seconds() >= self.window_seconds and self.runtime.is_chief
+            if self.agree_each_step:
+                flags = self.runtime.host_gather((ended, time_up))
+                ended, time_up = any(flag[0] for flag in flags), any(flag[1] for flag in flags)
+            if ended:
                 self.exhausted = True
+            if ended or time_up:
                 return
+            batch, self._ahead = self._ahead, None
             count += 1
             yield batch
 
@@ -159,6 +207,14 @@ def _restore_or_warm_start(job: Job, runtime: Runtime, state: TrainingState) -> 
     return state.global_step
 
 
+def open_windows(job: Job, runtime: Runtime, mode: str, input_fn: InputFn,
+                 positions: dict[str, InputPosition] | None = None) -> WindowedBatches:
+    """Calls input_fn and opens this process's device batches, window by window."""
+    positions = positions or {}
+    batches = runtime.device_batches(job.host_batches(runtime, mode, input_fn, positions))
+    return WindowedBatches(batches, job.config, runtime, job.agrees_each_step(runtime, mode))
+
+
 def train_replica(
     job: Job,
     runtime: Runtime,
@@ -169,7 +225,7 @@ def train_replica(
     saving_listeners: Sequence[CheckpointSaverListener],
 ) -> int:
     """Trains on this replica until the target step, a hook's stop, or the input's end."""
-    model_params = job.replica_params(runtime, ModeKeys.TRAIN, for_input=False)
+    model_params = job.model_params(runtime, ModeKeys.TRAIN)
     state = TrainingState.build(runtime, job.model_init_fn, job.optimizer_fn, model_params,
                                 job.config.seed)
     restored_step = _restore_or_warm_start(job, runtime, state)
@@ -180,10 +236,7 @@ def train_replica(
                     restored_step, target)
         return restored_step
 
-    input_params = job.replica_params(runtime, ModeKeys.TRAIN, for_input=True)
-    pipeline = InputPipeline(
-        call_input_fn(input_fn, input_params), ModeKeys.TRAIN, input_params["batch_size"],
-        runtime.context(ModeKeys.TRAIN), job.config.input_config, job.config.seed)
+    windows = open_windows(job, runtime, ModeKeys.TRAIN, input_fn, state.positions)
     config = job.config
     all_hooks: list[Hook] = [NanLossGuard()]
     if config.log_step_count_steps:
@@ -199,12 +252,10 @@ def train_replica(
         hook.begin(context)
 
     state.model.train()
-    batches = runtime.device_batches(pipeline.batches(state.position))
     try:
-        _run_windows(job, runtime, state, WindowedBatches(batches, config), model_params, target,
-                     all_hooks, context, saver)
+        _run_windows(job, runtime, state, windows, model_params, target, all_hooks, context, saver)
     finally:
-        batches.close()
+        windows.batches.close()
     saver.maybe_save(state, final=True)
     for hook in all_hooks:
         hook.end(context)
@@ -228,7 +279,7 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: Wind
             if host_call is not None:
                 host_call_fn, tensors = host_call
                 host_call_tensors.append(map_tensors(torch.Tensor.detach, tensors))
-            state.position = batch.position
+            state.positions.update(batch.positions)
         if losses:
             host_losses, host_call_tensors = runtime.to_host([losses, host_call_tensors])
             if host_call_fn is not None:

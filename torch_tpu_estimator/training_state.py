@@ -83,7 +83,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer | None
     scheduler: Any | None
     global_step: int = 0
-    position: InputPosition = InputPosition()
+    positions: dict[str, InputPosition] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(
@@ -101,7 +101,7 @@ class TrainingState:
             raise TypeError(
                 f"model_init_fn must return a torch.nn.Module, got {type(module).__name__}"
             )
-        model = runtime.prepare_model(module)
+        model = runtime.prepare_model(module, training=optimizer_fn is not None)
         optimizer, scheduler = None, None
         if optimizer_fn is not None:
             made = optimizer_fn(unwrap(model), dict(params))
@@ -126,13 +126,17 @@ class TrainingState:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
-        self.position = InputPosition(**state["input_position"])
+        self.positions = {key: InputPosition(**value)
+                          for key, value in state["input_positions"].items()}
         _restore_host_rng(state["rng"])
         runtime.set_device_rng_state(state["rng"]["device"])
         return self.global_step
 
-    def capture(self, runtime: Runtime) -> dict:
-        """Everything needed to continue this run exactly, in CPU memory (one device transfer)."""
+    def capture(self, runtime: Runtime, positions: dict[str, InputPosition]) -> dict:
+        """Everything needed to continue this run exactly, in CPU memory (one device transfer).
+
+        `positions` holds every input stream's position, gathered from all processes.
+        """
         device_state = runtime.to_host({
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
@@ -144,7 +148,7 @@ class TrainingState:
             "model": device_state["model"],
             "optimizer": device_state["optimizer"],
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "input_position": dataclasses.asdict(self.position),
+            "input_positions": {key: dataclasses.asdict(value) for key, value in positions.items()},
             "rng": rng,
         }
 

@@ -9,11 +9,15 @@ __all__ = ["ReplicaContext", "Runtime", "resolve_runtime"]
 
 
 def resolve_runtime(use_tpu: bool, tpu_config: TPUConfig) -> Runtime:
-    """Picks the backend: XLA when use_tpu, plain PyTorch otherwise."""
-    if use_tpu:
-        from .xla_mp import XlaMpRuntime
+    """Picks the backend: XLA by `strategy` when use_tpu, plain PyTorch otherwise."""
+    if not use_tpu:
+        from .torch_dist import TorchRuntime
 
-        return XlaMpRuntime(tpu_config.num_shards)
-    from .torch_dist import TorchRuntime
+        return TorchRuntime(tpu_config.num_shards)
+    if tpu_config.strategy == "spmd":
+        from .xla_spmd import XlaSpmdRuntime
 
-    return TorchRuntime(tpu_config.num_shards)
+        return XlaSpmdRuntime(tpu_config.num_shards)
+    from .xla_mp import XlaMpRuntime
+
+    return XlaMpRuntime(tpu_config.num_shards)

@@ -1,6 +1,9 @@
 """The small interface every backend implements, and what a replica knows about itself.
 
 The loops talk only to this interface; a line in loops.py never asks which backend it runs on.
+Two layouts exist: one process per replica (xla_mp, torch_dist), where each process traces
+model_fn over its replica's share of the global batch, and one process driving every device
+(xla_spmd), where model_fn traces one program over the whole global batch.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaContext:
-    """What `params["context"]` tells input_fn and model_fn about the replica they run on.
+    """What `params["context"]` tells input_fn and model_fn about where they run.
 
-    num_replicas: replicas that share one global batch.
-    input_pipeline_id / num_input_pipelines: which of the input_fn calls this one is; each call
-      feeds `global_batch / num_input_pipelines` examples per step.
+    replica_id / num_replicas: this replica and the replicas that share one global batch.
+    input_pipeline_id / num_input_pipelines: which of the job's distinct input_fn streams this
+      call feeds. Per-host input has one stream (the estimator shards it); per-replica input has
+      one per replica, and input_fn must shard the data itself by input_pipeline_id.
     """
 
     replica_id: int
@@ -40,48 +44,56 @@ class ReplicaContext:
 class Runtime(abc.ABC):
     """Where replicas live: launching them, feeding them, stepping them, reading results back.
 
-    The attributes `num_replicas` and `num_input_pipelines` are known in the caller's process
-    before any replica starts. Every other method is called inside a replica, after `launch`.
+    `num_replicas`, `num_processes` and `one_program` are known in the caller's process before
+    any replica starts. Every other method is called inside a replica process, after `launch`.
     """
 
     name: str = ""
-    num_replicas: int = 1
-    num_input_pipelines: int = 1
+    num_replicas: int = 1  # devices sharing one global batch
+    num_processes: int = 1  # processes that each run model_fn and read input
+    one_program: bool = False  # True: one traced program spans every replica (SPMD)
 
     @abc.abstractmethod
     def launch(self, worker: Callable[[], T]) -> T:
-        """Runs `worker` on every replica and returns the chief's result in the caller."""
+        """Runs `worker` in every replica process and returns the chief's result in the caller."""
 
     @property
     @abc.abstractmethod
     def device(self) -> torch.device:
-        """The device this replica computes on."""
+        """The device this process computes on."""
 
     @property
-    @abc.abstractmethod
-    def replica_id(self) -> int:
-        """This replica's ordinal in [0, num_replicas)."""
+    def process_index(self) -> int:
+        """This process's ordinal in [0, num_processes)."""
+        return 0
 
     @property
-    def input_pipeline_id(self) -> int:
-        return self.replica_id if self.num_input_pipelines > 1 else 0
+    def local_replica_ids(self) -> list[int]:
+        """The replicas this process feeds: its own, or every device's in SPMD."""
+        return list(range(self.num_replicas)) if self.one_program else [self.process_index]
 
     @property
     def is_chief(self) -> bool:
-        return self.replica_id == 0
+        return self.process_index == 0
 
-    def context(self, mode: str) -> ReplicaContext:
+    def model_fn_batch_size(self, global_batch_size: int) -> int:
+        """The batch one model_fn call sees: a replica's share, or all of it in one program."""
+        return global_batch_size if self.one_program else global_batch_size // self.num_replicas
+
+    def context(self, mode: str, replica_id: int | None = None,
+                input_pipeline: tuple[int, int] = (0, 1)) -> ReplicaContext:
+        """The ReplicaContext of `replica_id` (this process's first replica by default)."""
         return ReplicaContext(
-            replica_id=self.replica_id,
+            replica_id=self.local_replica_ids[0] if replica_id is None else replica_id,
             num_replicas=self.num_replicas,
-            input_pipeline_id=self.input_pipeline_id,
-            num_input_pipelines=self.num_input_pipelines,
+            input_pipeline_id=input_pipeline[0],
+            num_input_pipelines=input_pipeline[1],
             device=str(self.device),
             mode=mode,
         )
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Moves a freshly built model to this replica's device (and wraps it if needed)."""
+    def prepare_model(self, model: torch.nn.Module, training: bool) -> torch.nn.Module:
+        """Moves a freshly built model to this process's device (and wraps it for training)."""
         return model.to(self.device)
 
     @abc.abstractmethod
@@ -99,28 +111,33 @@ class Runtime(abc.ABC):
     def to_host(self, tree: Any) -> Any:
         """Copies every tensor in a nested structure to CPU memory, in one transfer."""
 
-    def host_mean(self, values: np.ndarray) -> np.ndarray:
-        """Element-wise mean of a host array over replicas (identity with one replica)."""
-        return values
-
     def host_gather(self, value: T) -> list[T]:
-        """Every replica's host value, in replica order (a one-item list with one replica)."""
+        """Every process's host value, in process order (one item with one process)."""
         return [value]
 
-    def stream(self, worker: Callable[[], Iterator[T]]) -> Iterator[T]:
-        """Runs a generator `worker` on every replica and yields the chief's items in the caller.
-
-        Replicas living in the caller's process are streamed lazily, so a consumer that stops
-        early stops the work; a launcher of separate processes gathers the items first.
-        """
-        yield from worker()
+    def host_mean(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise mean of a host array over processes."""
+        gathered = self.host_gather(values)
+        return gathered[0] if len(gathered) == 1 else np.mean(gathered, axis=0)
 
     def host_any(self, flag: bool) -> bool:
-        """True when any replica's flag is true (identity with one replica)."""
-        return flag
+        """True when any process's flag is true."""
+        return any(self.host_gather(flag))
+
+    def stream(self, worker: Callable[[], Iterator[T]]) -> Iterator[T]:
+        """Runs a generator `worker` in every replica process and yields the chief's items.
+
+        A single process streams lazily, so a consumer that stops early stops the work; with
+        several processes every replica runs to the end (its collectives need the others) and
+        the items are gathered first.
+        """
+        if self.num_processes == 1:
+            yield from worker()
+        else:
+            yield from self.launch(lambda: list(worker()))
 
     def barrier(self, name: str) -> None:
-        """Waits for every replica to reach `name`."""
+        """Waits for every process to reach `name`."""
 
     def get_device_rng_state(self) -> int | None:
         """The device RNG seed where the device has its own RNG (XLA), else None."""

@@ -1,0 +1,90 @@
+"""What every XLA runtime shares: the device, the loader that feeds it, graph cuts, RNG, reads.
+
+xla_mp (one process per device) and xla_spmd (one process over a device mesh) differ only in how
+replicas are launched, how input is laid over devices and how gradients are combined.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.distributed.parallel_loader as pl
+import torch_xla.runtime as xr
+
+from .base import Runtime
+
+
+def local_device_count() -> int:
+    """XLA devices on this host, found without starting the XLA runtime."""
+    device_type = xr.device_type()
+    if device_type == "TPU":
+        from torch_xla._internal import tpu
+
+        return tpu.num_expected_global_devices()
+    if device_type in (None, "CPU"):
+        return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+    return 1
+
+
+def is_cpu_backend() -> bool:
+    return xr.device_type() in (None, "CPU")
+
+
+class _InputFailure:
+    """An exception raised by the host input, carried through MpDeviceLoader's threads."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _capture_failures(host_batches: Iterable[Any]) -> Iterator[Any]:
+    try:
+        yield from host_batches
+    except Exception as error:  # re-raised in the replica's own thread by device_batches
+        yield _InputFailure(error)
+
+
+class XlaRuntime(Runtime):
+    """Device batches through MpDeviceLoader, one graph cut per step, reads in one transfer."""
+
+    def input_sharding(self) -> Any:
+        """How MpDeviceLoader lays a host batch over devices; None puts it on this device."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return torch_xla.device()
+
+    def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
+        # Steps are cut by step_boundary alone: every mark_step advances the XLA RNG seed, so
+        # exactly one per step keeps dropout identical however windows and resumes fall.
+        loader = pl.MpDeviceLoader(_capture_failures(host_batches), self.device,
+                                   batches_per_execution=sys.maxsize,
+                                   input_sharding=self.input_sharding())
+        iterator = iter(loader)
+        try:
+            for batch in iterator:
+                if isinstance(batch, _InputFailure):
+                    raise batch.error
+                yield batch
+        finally:
+            loader._parallel_loader.close()
+
+    def step_boundary(self) -> None:
+        torch_xla.sync()
+
+    def to_host(self, tree: Any) -> Any:
+        return xm._maybe_convert_to_cpu(tree)
+
+    def get_device_rng_state(self) -> int | None:
+        return xm.get_rng_state(self.device)
+
+    def set_device_rng_state(self, state: int | None) -> None:
+        if state is not None:
+            xm.set_rng_state(state, self.device)
