@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from .spec import ModeKeys
 from .training_state import ModelInitFn, OptimizerFn
 
 logger = logging.getLogger("torch_tpu_estimator")
+T = TypeVar("T")
 
 RESERVED_PARAMS = ("batch_size", "context", "use_tpu")
 _MODE_NAMES = {ModeKeys.TRAIN: "train", ModeKeys.EVAL: "eval", ModeKeys.PREDICT: "predict"}
@@ -47,6 +49,28 @@ def _check_instances(name: str, values: Sequence[Any] | None, kind: type) -> lis
         if not isinstance(value, kind):
             raise TypeError(f"{name} must hold {kind.__name__} instances, got {type(value).__name__}")
     return values
+
+
+def _portable_state(hook: Any) -> dict | None:
+    """A hook's attributes when they pickle (to travel from a replica process), else None."""
+    try:
+        return pickle.loads(pickle.dumps(vars(hook)))
+    except Exception:
+        logger.warning("%s's attributes do not pickle: they stay in the replica process",
+                       type(hook).__name__)
+        return None
+
+
+def _launch_with_hooks(runtime: Runtime, work: Callable[[], T], hooks: Sequence[Any]) -> T:
+    """Runs `work` on every replica. Hooks run in the replica processes, so when those are not
+    the caller's, the chief's hooks' attributes are copied back into the caller's hook objects."""
+    if runtime.num_processes == 1 or not hooks:
+        return runtime.launch(work)
+    result, states = runtime.launch(lambda: (work(), [_portable_state(hook) for hook in hooks]))
+    for hook, state in zip(hooks, states, strict=True):
+        if state is not None:
+            vars(hook).update(state)
+    return result
 
 
 def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
@@ -193,9 +217,9 @@ class TPUEstimator:
         listeners = _check_instances("saving_listeners", saving_listeners, CheckpointSaverListener)
         job = self._job(ModeKeys.TRAIN)
         runtime = self._runtime
-        runtime.launch(
-            lambda: train_replica(job, runtime, input_fn, hooks, steps, max_steps, listeners)
-        )
+        _launch_with_hooks(
+            runtime, lambda: train_replica(job, runtime, input_fn, hooks, steps, max_steps,
+                                           listeners), [*hooks, *listeners])
         return self
 
     def _checkpoint_to_use(self, checkpoint_path: str | None) -> str:
@@ -235,8 +259,9 @@ class TPUEstimator:
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         path = self._checkpoint_to_use(checkpoint_path)
         runtime = self._runtime if self._eval_on_tpu else resolve_runtime(False, TPUConfig())
-        return runtime.launch(
-            lambda: evaluate_replica(job, runtime, input_fn, steps, hooks, path, name))
+        return _launch_with_hooks(
+            runtime, lambda: evaluate_replica(job, runtime, input_fn, steps, hooks, path, name),
+            hooks)
 
     def predict(
         self,
