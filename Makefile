@@ -22,7 +22,7 @@ demo: setup
 	$(PY) examples/digits.py --model-dir runs/demo
 
 test: setup
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 lint: setup
 	$(VENV)/bin/ruff check torch_tpu_estimator tests examples benchmarks

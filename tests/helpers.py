@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import struct
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +54,18 @@ def adam_with_schedule(model, params):
 
 def make_estimator(model_dir, use_tpu=True, iterations_per_loop=4, optimizer_fn=sgd,
                    dropout=0.0, params=None, train_batch_size=8, fn=model_fn, warm_start_from=None,
-                   eval_on_tpu=True, **config):
+                   eval_on_tpu=True, num_shards=None, per_host_input_for_training=True,
+                   **config):
     config.setdefault("log_step_count_steps", 1)
+    tpu_config = TPUConfig(iterations_per_loop=iterations_per_loop, num_shards=num_shards,
+                           per_host_input_for_training=per_host_input_for_training)
     return TPUEstimator(
         model_fn=fn,
         model_init_fn=lambda p: Net(dropout=dropout),
         optimizer_fn=optimizer_fn,
         model_dir=str(model_dir),
         use_tpu=use_tpu,
-        config=RunConfig(tpu_config=TPUConfig(iterations_per_loop=iterations_per_loop), **config),
+        config=RunConfig(tpu_config=tpu_config, **config),
         params=dict(params or {}),
         train_batch_size=train_batch_size, eval_batch_size=8, predict_batch_size=8,
         warm_start_from=warm_start_from, eval_on_tpu=eval_on_tpu)
@@ -84,3 +90,14 @@ def read_scalars(directory: str) -> dict[str, dict[int, float]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars
+
+
+def run_fresh(script: str, *args, **env_overrides) -> object:
+    """Runs `script` in a new interpreter (empty compile cache, no runtime started, no autograd
+    threads) and returns the JSON its last output line holds."""
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
+               PYTHONPATH=os.path.dirname(__file__), **env_overrides)
+    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

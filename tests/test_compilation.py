@@ -5,10 +5,7 @@ Runs in a fresh interpreter so no other test's compiled graphs are in the cache.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from helpers import run_fresh
 
 SCRIPT = r"""
 import json, sys
@@ -32,16 +29,6 @@ estimator = make_estimator(sys.argv[1], iterations_per_loop=10, optimizer_fn=ada
 estimator.train(lambda params: data, max_steps=200, hooks=[MetricsRecorder()])
 print(json.dumps(MetricsRecorder.rows))
 """
-
-
-def run_fresh(script: str, model_dir) -> object:
-    """Runs `script` in a new interpreter (empty compile cache) and returns its last JSON line."""
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
-               PYTHONPATH=os.path.dirname(__file__))
-    result = subprocess.run([sys.executable, "-c", script, str(model_dir)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_compilations_do_not_grow_and_one_transfer_per_window(tmp_path):

@@ -73,20 +73,41 @@ def _stop(processes: list[multiprocessing.Process]) -> None:
             process.join()
 
 
-def _raise_first_failure(scratch: str, rank: int, exitcode: int | None) -> None:
-    """Raises the earliest error any replica reported: the others often fail only because a
-    peer died in the middle of a collective."""
+def _raise_root_failure(scratch: str, processes: list[multiprocessing.Process]) -> None:
+    """Raises the failure that ended the job. A replica that died without a Python error
+    (killed, or crashed in C) comes first: peers only ever fail *because* of such a death. Else
+    the earliest error reported: the others often fail only because a peer died mid-collective.
+    Called before any replica is stopped by the launcher."""
     reports = []
-    for name in os.listdir(scratch):
-        if name.startswith("error-") and name.endswith(".pkl"):
-            with open(os.path.join(scratch, name), "rb") as handle:
-                reports.append((*pickle.load(handle), int(name[len("error-"):-len(".pkl")])))
-    if not reports:
-        raise ReplicaFailedError(f"replica {rank} exited with code {exitcode} without a Python "
-                                 "error (killed, or crashed outside Python)")
-    _, error, text, failed_rank = min(reports, key=lambda report: report[0])
-    error.add_note(f"raised in replica process {failed_rank}:\n{text}")
+    for rank, process in enumerate(processes):
+        path = os.path.join(scratch, f"error-{rank}.pkl")
+        if os.path.exists(path):
+            with open(path, "rb") as handle:
+                reports.append((*pickle.load(handle), rank))
+        elif process.exitcode not in (None, 0):
+            raise ReplicaFailedError(
+                f"replica {rank} exited with code {process.exitcode} without a Python error "
+                "(a negative code is the signal that killed it)")
+    _, error, text, rank = min(reports, key=lambda report: report[0])
+    error.add_note(f"raised in replica process {rank}:\n{text}")
     raise error
+
+
+def _autograd_device_threads() -> list[str]:
+    """Names of autograd's device threads in this process (Linux), started by a backward pass
+    on an XLA or CUDA device; a forked child can then never run backward again."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as handle:
+                names.append(handle.read().strip())
+        except OSError:
+            continue
+    return [name for name in names if name.startswith("pt_autograd_")]
 
 
 def launch_processes(num_processes: int, run: Callable[[int, str], T]) -> T:
@@ -94,6 +115,13 @@ def launch_processes(num_processes: int, run: Callable[[int, str], T]) -> T:
 
     `scratch_dir` is a fresh directory the replicas share for the duration of the launch.
     """
+    if _autograd_device_threads():
+        raise RuntimeError(
+            "cannot fork replica processes: this process already ran a backward pass on an XLA "
+            "or CUDA device, and autograd's device threads do not survive fork. Run the "
+            "multi-process use_tpu=False job from a process that has not trained on a device, "
+            "or launch it with torchrun"
+        )
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="torch_tpu_estimator-launch-") as scratch:
         processes = [context.Process(target=_child, args=(rank, scratch, run), daemon=False)
@@ -109,8 +137,7 @@ def launch_processes(num_processes: int, run: Callable[[int, str], T]) -> T:
                         continue
                     running.discard(rank)
                     if exitcode != 0:
-                        _stop(processes)
-                        _raise_first_failure(scratch, rank, exitcode)
+                        _raise_root_failure(scratch, processes)
                 time.sleep(_POLL_SECONDS)
         finally:
             _stop(processes)

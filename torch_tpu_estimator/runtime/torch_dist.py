@@ -76,10 +76,9 @@ class TorchRuntime(Runtime):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.num_processes))
         dist.init_process_group("gloo", init_method=f"file://{scratch}/store", rank=rank,
                                 world_size=self.num_processes, timeout=_COLLECTIVE_TIMEOUT)
-        try:
-            return worker()
-        finally:
-            dist.destroy_process_group()
+        result = worker()  # on an error the group is left to die with the process, so that
+        dist.destroy_process_group()  # peers see no disconnect before the error is reported
+        return result
 
     @property
     def device(self) -> torch.device:
