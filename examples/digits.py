@@ -2,6 +2,8 @@
 
     PJRT_DEVICE=CPU python examples/digits.py --model-dir runs/digits          # XLA CPU backend
     python examples/digits.py --model-dir runs/digits-cpu --no-tpu              # plain PyTorch
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python examples/digits.py --spmd          # 4-device mesh
+    python examples/digits.py --no-tpu --processes 4                            # 4 gloo replicas
 """
 
 from __future__ import annotations
@@ -78,7 +80,10 @@ def optimizer_fn(model, params):
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=300, gamma=0.5)
 
 
-def make_estimator(model_dir: str, use_tpu: bool = True, iterations_per_loop: int = 50) -> TPUEstimator:
+def make_estimator(model_dir: str, use_tpu: bool = True, iterations_per_loop: int = 50,
+                   spmd: bool = False, processes: int | None = None) -> TPUEstimator:
+    """The same model and global batch on any layout: XLA device(s), an SPMD mesh of every
+    device, or `processes` plain PyTorch replicas joined by gloo."""
     return TPUEstimator(
         model_fn=model_fn,
         model_init_fn=lambda params: MLP(params["hidden"]),
@@ -87,7 +92,8 @@ def make_estimator(model_dir: str, use_tpu: bool = True, iterations_per_loop: in
         use_tpu=use_tpu,
         config=RunConfig(
             save_checkpoints_steps=200, log_step_count_steps=100, save_summary_steps=20,
-            tpu_config=TPUConfig(iterations_per_loop=iterations_per_loop)),
+            tpu_config=TPUConfig(iterations_per_loop=iterations_per_loop, num_shards=processes,
+                                 strategy="spmd" if spmd else "mp")),
         params={"hidden": 128, "lr": 3e-3},
         train_batch_size=64, eval_batch_size=64, predict_batch_size=64)
 
@@ -97,11 +103,16 @@ def main() -> None:
     parser.add_argument("--model-dir", default="runs/digits")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--no-tpu", action="store_true", help="plain PyTorch instead of XLA")
+    parser.add_argument("--spmd", action="store_true",
+                        help="one process over a mesh of every XLA device (set CPU_NUM_DEVICES)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="with --no-tpu: this many replica processes joined by gloo")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     train_set, test_set = digits_datasets()
-    estimator = make_estimator(args.model_dir, use_tpu=not args.no_tpu)
+    estimator = make_estimator(args.model_dir, use_tpu=not args.no_tpu, spmd=args.spmd,
+                               processes=args.processes)
     losses = FirstAndLastLoss()
     estimator.train(lambda params: train_set, max_steps=args.steps, hooks=[losses])
     if losses.first is not None:

@@ -7,13 +7,20 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
 
 
-def test_digits_example_learns_held_out_digits(tmp_path):
+@pytest.mark.parametrize("layout, devices", [
+    ([], "1"),
+    (["--spmd"], "4"),
+    (["--no-tpu", "--processes", "2"], "1"),
+], ids=["xla", "spmd4", "gloo2"])
+def test_digits_example_learns_held_out_digits(tmp_path, layout, devices):
     result = subprocess.run(
-        [sys.executable, EXAMPLE, "--model-dir", str(tmp_path), "--steps", "400"],
-        env=dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1"),
+        [sys.executable, EXAMPLE, "--model-dir", str(tmp_path), "--steps", "400", *layout],
+        env=dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=devices),
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     first, last = map(float, re.search(r"loss fell from ([\d.]+) to ([\d.]+)", result.stdout).groups())

@@ -104,6 +104,33 @@ def test_several_xla_cpu_devices_with_mp_strategy_point_to_spmd(monkeypatch):
         _estimator()
 
 
+@pytest.mark.parametrize("devices, use_tpu, tpu_config, batch, message", [
+    ("4", True, {"strategy": "spmd"}, 6,
+     r"train_batch_size=6 is not divisible by the number of replicas \(4\)"),
+    ("4", True, {"strategy": "spmd", "num_shards": 2},
+     8, "num_shards=2 does not match the 4 XLA device"),
+    ("1", True, {"num_shards": 3}, 8, "num_shards=3 does not match the 1 XLA device"),
+    ("1", False, {"num_shards": 4}, 10,
+     r"train_batch_size=10 is not divisible by the number of replicas \(4\)"),
+])
+def test_replica_layout_errors_name_the_numbers(tmp_path, monkeypatch, devices, use_tpu,
+                                                tpu_config, batch, message):
+    monkeypatch.setenv("CPU_NUM_DEVICES", devices)
+    with pytest.raises(ValueError, match=message):
+        _estimator(model_dir=str(tmp_path), use_tpu=use_tpu, train_batch_size=batch,
+                   config=RunConfig(tpu_config=TPUConfig(**tpu_config)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_num_shards_must_agree_with_torchrun_world_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="num_shards=4 differs from WORLD_SIZE=2"):
+        _estimator(use_tpu=False, config=RunConfig(tpu_config=TPUConfig(num_shards=4)))
+    estimator = _estimator(use_tpu=False)  # under torchrun: one replica per rank
+    assert (estimator.runtime.num_replicas, estimator.runtime.process_index) == (2, 0)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"steps": 3, "max_steps": 5}, ValueError, "both steps and max_steps"),
     ({"steps": 0}, ValueError, "steps must be a positive int, got 0"),

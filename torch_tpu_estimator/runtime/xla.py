@@ -32,6 +32,17 @@ def local_device_count() -> int:
     return 1
 
 
+def replica_device_count(num_shards: int | None) -> int:
+    """The local device count, checked against TPUConfig.num_shards (None: every device)."""
+    count = local_device_count()
+    if num_shards is not None and num_shards != count:
+        raise ValueError(
+            f"num_shards={num_shards} does not match the {count} XLA device(s) found; "
+            "XLA runtimes use every device: leave num_shards=None or set <DEVICE>_NUM_DEVICES"
+        )
+    return count
+
+
 def is_cpu_backend() -> bool:
     return xr.device_type() in (None, "CPU")
 

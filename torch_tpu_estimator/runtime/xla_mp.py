@@ -20,7 +20,7 @@ import torch_xla.core.xla_model as xm
 import torch_xla.distributed.xla_multiprocessing as xmp
 import torch_xla.runtime as xr
 
-from .xla import XlaRuntime, is_cpu_backend, local_device_count
+from .xla import XlaRuntime, is_cpu_backend, replica_device_count
 
 T = TypeVar("T")
 
@@ -40,12 +40,7 @@ class XlaMpRuntime(XlaRuntime):
     name = "xla_mp"
 
     def __init__(self, num_shards: int | None = None):
-        count = local_device_count()
-        if num_shards is not None and num_shards != count:
-            raise ValueError(
-                f"num_shards={num_shards} does not match the {count} XLA device(s) found; "
-                "leave num_shards=None or set <DEVICE>_NUM_DEVICES"
-            )
+        count = replica_device_count(num_shards)
         if count > 1 and is_cpu_backend():
             raise ValueError(
                 f"strategy='mp' cannot run {count} XLA CPU devices: XLA:CPU has no cross-device "

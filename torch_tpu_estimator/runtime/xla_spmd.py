@@ -16,7 +16,7 @@ import torch
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
 
-from .xla import XlaRuntime, local_device_count
+from .xla import XlaRuntime, replica_device_count
 
 T = TypeVar("T")
 
@@ -52,14 +52,7 @@ class XlaSpmdRuntime(XlaRuntime):
     one_program = True
 
     def __init__(self, num_shards: int | None = None):
-        count = local_device_count()
-        if num_shards is not None and num_shards != count:
-            raise ValueError(
-                f"num_shards={num_shards} does not match the {count} XLA device(s) found; "
-                "strategy='spmd' uses every device: leave num_shards=None or set "
-                "<DEVICE>_NUM_DEVICES"
-            )
-        self.num_replicas = count
+        self.num_replicas = replica_device_count(num_shards)
         self._mesh: xs.Mesh | None = None
 
     def launch(self, worker: Callable[[], T]) -> T:
