@@ -141,7 +141,8 @@ class WindowedBatches:
             if self._ahead is None:
                 self._ahead = next(self.batches, None)
             ended = self._ahead is None
-            time_up = self.seconds() >= self.window_seconds and self.runtime.is_chief
+            time_up = (self.window_seconds < math.inf and self.runtime.is_chief
+                       and self.seconds() >= self.window_seconds)
             if self.agree_each_step:
                 flags = self.runtime.host_gather((ended, time_up))
                 ended, time_up = any(flag[0] for flag in flags), any(flag[1] for flag in flags)
