@@ -64,7 +64,7 @@ def _portable_state(hook: Any) -> dict | None:
 def _launch_with_hooks(runtime: Runtime, work: Callable[[], T], hooks: Sequence[Any]) -> T:
     """Runs `work` on every replica. Hooks run in the replica processes, so when those are not
     the caller's, the chief's hooks' attributes are copied back into the caller's hook objects."""
-    if runtime.num_processes == 1 or not hooks:
+    if runtime.caller_is_replica or not hooks:
         return runtime.launch(work)
     result, states = runtime.launch(lambda: (work(), [_portable_state(hook) for hook in hooks]))
     for hook, state in zip(hooks, states, strict=True):

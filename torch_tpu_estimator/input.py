@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from .config import InputPipelineConfig
@@ -177,6 +177,13 @@ def _kind_of(source: Any) -> str:
     return "one_shot" if iterator is source else "batches"
 
 
+def _has_distributed_sampler(source: Any) -> bool:
+    if not isinstance(source, DataLoader):
+        return False
+    samplers = (source.sampler, getattr(source.batch_sampler, "sampler", None))
+    return any(isinstance(sampler, DistributedSampler) for sampler in samplers)
+
+
 def _seeded_pass(batches: Iterable[Any], seed: int) -> Iterator[Any]:
     """Iterates a user's iterable with the global torch RNG seeded by `seed` while the pass
     starts (when a DataLoader draws its shuffle order), then restores the RNG as it was: the
@@ -209,15 +216,22 @@ class InputPipeline:
         self.config = config
         self.seed = seed
         self.training = mode == ModeKeys.TRAIN
+        if shard.key == "host" and _has_distributed_sampler(source):
+            raise ValueError(
+                "input_fn returned a DataLoader with a DistributedSampler, but this input is "
+                "per-host: the estimator itself gives each replica its rows of every global "
+                "batch. Return the Dataset (or a DataLoader without DistributedSampler), or, in "
+                "training, set TPUConfig(per_host_input_for_training=False) to shard it yourself"
+            )
 
     def batches(self, start: InputPosition = InputPosition()) -> Iterator[HostBatch]:
         """Training: pass after pass from `start` while passes restart; otherwise one pass."""
         for epoch in itertools.count(start.epoch):
             skip = start.batch if epoch == start.epoch else 0
             produced = 0
-            for index, (features, labels, num_real) in enumerate(self._one_pass(epoch, skip)):
+            for features, labels, num_real, consumed in self._one_pass(epoch, skip):
                 produced += 1
-                position = InputPosition(epoch, skip + index + 1)
+                position = InputPosition(epoch, consumed)
                 yield HostBatch(features, labels, num_real, {self.shard.key: position})
             if not self.training or self.kind == "one_shot":
                 return
@@ -227,23 +241,25 @@ class InputPipeline:
                     f"{self.global_batch_size} examples (params['batch_size'])"
                 )
 
-    def _one_pass(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any, int]]:
+    def _one_pass(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any, int, int]]:
+        """(features, labels, real rows, source batches of the pass read so far), from the
+        `skip`-th source batch of pass `epoch` on."""
         if self.kind == "map_dataset":
             yield from self._map_dataset_pass(epoch, skip)
         elif self.kind == "iterable_dataset":
             loader = self._loader(self.source, epoch, batch_size=self.global_batch_size,
                                   drop_last=self.training)
-            yield from self._slices(itertools.islice(loader, skip, None))
+            yield from self._slices(itertools.islice(loader, skip, None), skip)
         else:
             batches = _seeded_pass(self.source, pass_seed(self.seed, epoch))
-            yield from self._slices(itertools.islice(batches, skip, None))
+            yield from self._slices(itertools.islice(batches, skip, None), skip)
 
     def _loader(self, dataset: Any, epoch: int, **kwargs: Any) -> DataLoader:
         generator = torch.Generator().manual_seed(pass_seed(self.seed, epoch))
         return DataLoader(dataset, num_workers=self.config.num_workers, generator=generator,
                           collate_fn=default_collate, **kwargs)
 
-    def _map_dataset_pass(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any, int]]:
+    def _map_dataset_pass(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any, int, int]]:
         size, global_batch = len(self.source), self.global_batch_size
         if self.training and self.config.shuffle:
             generator = torch.Generator().manual_seed(pass_seed(self.seed, epoch))
@@ -259,16 +275,18 @@ class InputPipeline:
             rows = rows + [order[-1]] * (self.batch_size - len(rows))
             index_batches.append(rows)
         loader = self._loader(self.source, epoch, batch_sampler=index_batches)
-        for item, num_real in zip(loader, real_counts, strict=True):
+        consumed = range(skip + 1, steps + 1)
+        for item, num_real, count in zip(loader, real_counts, consumed, strict=True):
             features, labels = split_example(item)
-            yield features, labels, num_real
+            yield features, labels, num_real, count
 
-    def _slices(self, global_batches: Iterable[Any]) -> Iterator[tuple[Any, Any, int]]:
+    def _slices(self, global_batches: Iterable[Any],
+                skip: int) -> Iterator[tuple[Any, Any, int, int]]:
         """This process's rows of every batch, padded to `batch_size` rows; in training a batch
         smaller than params["batch_size"] is skipped (one graph), and a larger one is an error."""
         warned = False
         first, size = self.first_row, self.batch_size
-        for item in global_batches:
+        for consumed, item in enumerate(global_batches, start=skip + 1):
             features, labels = split_example(item)
             rows = batch_size_of(features, labels)
             if rows > self.global_batch_size:
@@ -291,7 +309,7 @@ class InputPipeline:
             else:  # this process's slice of the last batch is all padding
                 piece = map_tensors(lambda t: t[-1:], (features, labels))
             features, labels = pad_rows(piece, size)
-            yield features, labels, num_real
+            yield features, labels, num_real, consumed
 
 
 def concatenated(streams: list[Iterator[HostBatch]]) -> Iterator[HostBatch]:

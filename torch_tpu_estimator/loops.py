@@ -32,7 +32,7 @@ from .input import (
 from .runtime.base import Runtime
 from .spec import ModeKeys, call_with_tensors, validate_spec
 from .summary import TrainSummaryHook
-from .training_state import ModelInitFn, OptimizerFn, TrainingState
+from .training_state import ModelInitFn, OptimizerFn, TrainingState, capture_rng
 from .tree import map_tensors
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -70,6 +70,10 @@ class Job:
         saved position), batched and sliced, joined step by step when there are several."""
         streams = []
         for shard in input_shards(runtime, mode, self.global_batch_size, self.per_host_input):
+            if positions and shard.key not in positions:
+                logger.warning("the checkpoint holds no position for input stream %r (it was "
+                               "written with another input layout): it starts from the first "
+                               "batch of the data", shard.key)
             params = {**self.params, "batch_size": shard.batch_size, "context": shard.context,
                       "use_tpu": self.use_tpu}
             pipeline = InputPipeline(call_input_fn(input_fn, params), mode, shard,
@@ -98,11 +102,10 @@ class _CheckpointSaver:
         due = final or (every is not None and state.global_step - self.last_saved_step >= every)
         if not due or state.global_step == self.last_saved_step:
             return
-        positions = {}
-        for replica_positions in self.runtime.host_gather(state.positions):
-            positions.update(replica_positions)
+        gathered = self.runtime.host_gather((state.positions, capture_rng(self.runtime)))
+        positions = {key: value for replica, _ in gathered for key, value in replica.items()}
         if self.runtime.is_chief:
-            snapshot = state.capture(self.runtime, positions)
+            snapshot = state.capture(self.runtime, positions, [rng for _, rng in gathered])
             for listener in self.listeners:
                 listener.before_save(state.global_step)
             path = save_checkpoint(self.job.model_dir, snapshot, self.job.config.keep_checkpoint_max)
@@ -273,7 +276,8 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: Wind
         learning_rates: list[float] = []
         host_call_tensors: list[Any] = []
         host_call_fn = None
-        for batch in windows.window(_steps_to_next_stop(state.global_step, target, hooks)):
+        steps_left = _steps_to_next_stop(state.global_step, target, hooks)
+        for batch in windows.window(steps_left):
             learning_rates.append(state.learning_rate())
             loss, host_call = _train_step(job, runtime, state, batch, model_params)
             losses.append(loss)
@@ -299,7 +303,7 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: Wind
             for hook in hooks:
                 hook.after_window(context, window)
             saver.maybe_save(state)
-        reached = target is not None and state.global_step >= target
+        reached = steps_left <= len(losses)  # the target, or a hook's last step (maybe passed)
         if runtime.host_any(windows.exhausted or reached or context.stop_requested):
             if windows.exhausted:
                 logger.info("Input ended at global step %d", state.global_step)

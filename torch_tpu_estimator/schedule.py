@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from .checkpoint import atomic_write
 from .estimator import TPUEstimator
 from .loops import InputFn
+from .runtime.torch_dist import launched_rank
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -44,6 +45,8 @@ class KeepBestCheckpoint(EvalHook):
                              f"results {sorted(results)}")
         if _improves(results[self.metric], self.best, self.higher_is_better, 0.0):
             self.best = results[self.metric]
+            if launched_rank() != 0:  # under torchrun every rank evaluates; rank 0 writes
+                return True
             os.makedirs(self.directory, exist_ok=True)
             target = os.path.join(self.directory, os.path.basename(checkpoint_path))
             with open(checkpoint_path, "rb") as source:

@@ -7,6 +7,7 @@ and captured back into a checkpoint's plain, CPU-side form.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 from .checkpoint import load_checkpoint
 from .input import InputPosition
 from .runtime.base import Runtime
+
+logger = logging.getLogger("torch_tpu_estimator")
 
 ModelInitFn = Callable[[dict], torch.nn.Module]
 OptimizerFn = Callable[[torch.nn.Module, dict], Any]
@@ -39,6 +42,19 @@ def _capture_host_rng() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def replica_seed(seed: int, process_index: int) -> int:
+    """The RNG seed of a replica process: the run's seed on the chief, a distinct one on each
+    other replica, so that replicas draw different dropout masks for their different rows."""
+    return seed if process_index == 0 else (seed * 1_000_003 + 7_919 * process_index) % 2**63
+
+
+def capture_rng(runtime: Runtime) -> dict:
+    """This process's host RNG states and its device RNG seed, as plain CPU values."""
+    state = _capture_host_rng()
+    state["device"] = runtime.get_device_rng_state()
+    return state
 
 
 def _restore_host_rng(state: dict) -> None:
@@ -111,7 +127,10 @@ class TrainingState:
                     "optimizer_fn must return a torch.optim.Optimizer or "
                     f"(optimizer, lr_scheduler), got {type(optimizer).__name__}"
                 )
-        runtime.set_device_rng_state(seed)
+        own_seed = replica_seed(seed, runtime.process_index)
+        if own_seed != seed:
+            seed_everything(own_seed)
+        runtime.set_device_rng_state(own_seed)
         return cls(model, optimizer, scheduler)
 
     def restore(self, path: str, runtime: Runtime, weights_only: bool = False) -> int:
@@ -126,30 +145,37 @@ class TrainingState:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
-        self.positions = {key: InputPosition(**value)
-                          for key, value in state["input_positions"].items()}
-        _restore_host_rng(state["rng"])
-        runtime.set_device_rng_state(state["rng"]["device"])
+        positions = state.get("input_positions")
+        if positions is None:  # written before input streams had names: the one per-host stream
+            positions = {"host": state.get("input_position", {})}
+        self.positions = {key: InputPosition(**value) for key, value in positions.items()}
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if runtime.process_index < len(rngs):
+            _restore_host_rng(rngs[runtime.process_index])
+            runtime.set_device_rng_state(rngs[runtime.process_index]["device"])
+        else:
+            logger.warning("%s holds the RNG states of %d process(es); replica process %d keeps "
+                           "its fresh seed", path, len(rngs), runtime.process_index)
         return self.global_step
 
-    def capture(self, runtime: Runtime, positions: dict[str, InputPosition]) -> dict:
+    def capture(self, runtime: Runtime, positions: dict[str, InputPosition],
+                rngs: list[dict]) -> dict:
         """Everything needed to continue this run exactly, in CPU memory (one device transfer).
 
-        `positions` holds every input stream's position, gathered from all processes.
+        `positions` holds every input stream's position and `rngs` every process's RNG states
+        (from capture_rng), both gathered from all processes.
         """
         device_state = runtime.to_host({
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
         })
-        rng = _capture_host_rng()
-        rng["device"] = runtime.get_device_rng_state()
         return {
             "global_step": self.global_step,
             "model": device_state["model"],
             "optimizer": device_state["optimizer"],
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "input_positions": {key: dataclasses.asdict(value) for key, value in positions.items()},
-            "rng": rng,
+            "rng": rngs,
         }
 
     def learning_rate(self) -> float:

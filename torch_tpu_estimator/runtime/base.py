@@ -76,6 +76,17 @@ class Runtime(abc.ABC):
     def is_chief(self) -> bool:
         return self.process_index == 0
 
+    @property
+    def hands_result_to_caller(self) -> bool:
+        """Whether this replica's result is the one `launch` returns to a caller."""
+        return self.caller_is_replica or self.is_chief
+
+    @property
+    def caller_is_replica(self) -> bool:
+        """Whether the caller's process is itself a replica (one process, or a torchrun rank),
+        rather than a launcher of replica processes. Known before `launch`."""
+        return self.num_processes == 1
+
     def model_fn_batch_size(self, global_batch_size: int) -> int:
         """The batch one model_fn call sees: a replica's share, or all of it in one program."""
         return global_batch_size if self.one_program else global_batch_size // self.num_replicas
@@ -133,8 +144,17 @@ class Runtime(abc.ABC):
         """
         if self.num_processes == 1:
             yield from worker()
-        else:
-            yield from self.launch(lambda: list(worker()))
+            return
+
+        def collect() -> list[T] | None:
+            items = worker()
+            if self.hands_result_to_caller:
+                return list(items)
+            for _ in items:  # a forked replica's items never reach the caller: drop them
+                pass
+            return None
+
+        yield from self.launch(collect)
 
     def barrier(self, name: str) -> None:
         """Waits for every process to reach `name`."""

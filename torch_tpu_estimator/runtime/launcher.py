@@ -9,10 +9,12 @@ with the replica's traceback, raised as the original exception type.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _POLL_SECONDS = 0.05
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 _TERMINATE_GRACE_SECONDS = 5.0
 
 
@@ -30,8 +33,21 @@ class ReplicaFailedError(RuntimeError):
     """A replica process died without reporting an exception (killed, or crashed in C code)."""
 
 
-def _child(rank: int, scratch: str, run: Callable[[int, str], Any]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Has the kernel kill this replica when the launching process dies, however it dies
+    (SIGKILL, OOM killer), so replicas never outlive it (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child(rank: int, scratch: str, run: Callable[[int, str], Any], parent: int) -> None:
     code = 0
+    _die_with_parent(parent)
     try:
         result = run(rank, scratch)
         if rank == 0:
@@ -89,7 +105,11 @@ def _raise_root_failure(scratch: str, processes: list[multiprocessing.Process]) 
                 f"replica {rank} exited with code {process.exitcode} without a Python error "
                 "(a negative code is the signal that killed it)")
     _, error, text, rank = min(reports, key=lambda report: report[0])
-    error.add_note(f"raised in replica process {rank}:\n{text}")
+    note = f"raised in replica process {rank}:\n{text}"
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10: kept where 3.11 keeps notes, though not printed
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
     raise error
 
 
@@ -124,7 +144,7 @@ def launch_processes(num_processes: int, run: Callable[[int, str], T]) -> T:
         )
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="torch_tpu_estimator-launch-") as scratch:
-        processes = [context.Process(target=_child, args=(rank, scratch, run), daemon=False)
+        processes = [context.Process(target=_child, args=(rank, scratch, run, os.getpid()))
                      for rank in range(num_processes)]
         try:
             for process in processes:

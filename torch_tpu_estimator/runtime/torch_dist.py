@@ -33,6 +33,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank when an external launcher such as torchrun started it, else 0."""
+    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
+
+
 class TorchRuntime(Runtime):
     """Eager PyTorch: in the caller's process, or over torch.distributed processes."""
 
@@ -50,7 +55,7 @@ class TorchRuntime(Runtime):
                 f"num_shards={num_shards} on CUDA: launch one process per GPU with torchrun "
                 "(the estimator forks CPU replicas only, and CUDA cannot be forked)"
             )
-        self._rank = int(os.environ.get("RANK", "0")) if self._external else 0
+        self._rank = launched_rank()
         self._device = self._pick_device()
 
     def _pick_device(self) -> torch.device:
@@ -83,6 +88,10 @@ class TorchRuntime(Runtime):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def caller_is_replica(self) -> bool:
+        return self.num_processes == 1 or self._external
 
     @property
     def process_index(self) -> int:

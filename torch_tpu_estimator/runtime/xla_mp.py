@@ -29,7 +29,7 @@ _pending_worker: Callable[[], Any] | None = None  # handed to forked replicas by
 
 def _run_pending_worker(_index: int, result_path: str) -> None:
     result = _pending_worker()
-    if xr.global_ordinal() == 0:
+    if xr.local_ordinal() == 0:
         with open(result_path, "wb") as handle:
             pickle.dump(result, handle)
 
@@ -66,6 +66,12 @@ class XlaMpRuntime(XlaRuntime):
     @property
     def process_index(self) -> int:
         return xr.global_ordinal()
+
+    @property
+    def hands_result_to_caller(self) -> bool:
+        # every host runs the caller's script; each host's first replica answers its caller
+        # (results are gathered to every replica, so they are the chief's)
+        return xr.local_ordinal() == 0
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         xm.optimizer_step(optimizer)
