@@ -29,7 +29,7 @@ from torch_tpu_estimator import (
 )
 
 GLOBAL_BATCH = 8
-TRAIN_SIZE, EVAL_SIZE, PREDICT_SIZE = 64, 21, 11
+TRAIN_SIZE, EVAL_SIZE, PREDICT_SIZE = 60, 21, 11  # 7.5 global batches a training pass
 
 
 class LossRecorder(Hook):
@@ -78,7 +78,8 @@ def train_input_fn(params):
         raise RuntimeError("input_fn failed on replica 1 on purpose")
     data = make_data(TRAIN_SIZE)
     shards = context.num_input_pipelines
-    rows = [i for i in range(TRAIN_SIZE)
+    whole = TRAIN_SIZE // (batch * shards) * batch * shards  # the rows one replica trains on
+    rows = [i for i in range(whole)
             if (i % (batch * shards)) // batch == context.input_pipeline_id]
     return TensorDataset(*[tensor[rows] for tensor in data.tensors])
 

@@ -1,5 +1,7 @@
-"""Replica processes run the same steps in every window even when their input streams end at
-different steps (per-replica input) or windows are cut by the chief's clock (time budgets)."""
+"""gloo replica processes stay in step with one another and with one replica: they run the same
+steps in every window even when their input streams end at different steps (per-replica input)
+or windows are cut by the chief's clock (time budgets); a resumed run continues every replica's
+input stream and RNG exactly; a DataLoader of global batches trains like one replica."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from helpers import run_fresh
 
 SCRIPT = r"""
 import json, sys
-from helpers import make_data, make_estimator
+import torch
+from helpers import adam_with_schedule, make_data, make_estimator
+from torch.utils.data import DataLoader, TensorDataset
 from torch_tpu_estimator import Hook
 
 class Windows(Hook):
@@ -24,15 +28,53 @@ def uneven_one_shot(params):
     return iter([(data.tensors[0][i * batch:(i + 1) * batch],
                   data.tensors[1][i * batch:(i + 1) * batch]) for i in range(count)])
 
+def uneven_shards(params):
+    # per-replica shards of 40 and 24 rows: 10 and 6 batches a pass, so passes drift apart
+    data = make_data(64)
+    rows = slice(0, 40) if params["context"].input_pipeline_id == 0 else slice(40, 64)
+    return TensorDataset(*[tensor[rows] for tensor in data.tensors])
+
+def final_state(estimator):
+    state = torch.load(estimator.latest_checkpoint(), weights_only=True)
+    return {"model": state["model"], "optimizer": state["optimizer"]["state"],
+            "positions": state["input_positions"]}
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+    return a == b
+
 scenario, model_dir = sys.argv[1], sys.argv[2]
 recorder = Windows()
+if scenario == "resume":
+    def run(name, plan):
+        estimator = make_estimator(f"{model_dir}/{name}", use_tpu=False, num_shards=2,
+                                   per_host_input_for_training=False, dropout=0.3,
+                                   optimizer_fn=adam_with_schedule, iterations_per_loop=3)
+        for steps in plan:
+            estimator.train(uneven_shards, steps=steps)
+        return final_state(estimator)
+    split, whole = run("split", [7, 6]), run("whole", [13])
+    print(json.dumps({"equal": same(split, whole), "positions": whole["positions"]}))
+    sys.exit()
+if scenario == "loader":
+    def weights(**layout):
+        estimator = make_estimator(f"{model_dir}/{len(layout)}", use_tpu=False, **layout)
+        estimator.train(lambda params: DataLoader(make_data(60), batch_size=params["batch_size"],
+                                                  shuffle=True), steps=12)
+        return estimator.get_variable_value("layers.0.weight")
+    one, two = weights(), weights(num_shards=2)
+    print(json.dumps({"max_difference": float(abs(one - two).max())}))
+    sys.exit()
 if scenario == "uneven":
     estimator = make_estimator(model_dir, use_tpu=False, num_shards=2, iterations_per_loop=2,
                                per_host_input_for_training=False)
     estimator.train(uneven_one_shot, max_steps=100, hooks=[recorder])
 else:
     estimator = make_estimator(model_dir, use_tpu=False, num_shards=2,
-                               iterations_per_loop="0.05s")
+                               iterations_per_loop="0.01s")
     estimator.train(lambda params: make_data(64), steps=40, hooks=[recorder])
 print(json.dumps({"step": int(estimator.get_variable_value("global_step")),
                   "windows": recorder.windows}))
@@ -48,5 +90,24 @@ def test_time_budget_windows_are_cut_alike_on_every_replica(tmp_path):
     outcome = run_fresh(SCRIPT, "time", tmp_path)
     windows = outcome["windows"]
     assert outcome["step"] == 40 and windows[-1][1] == 40
+    assert len(windows) > 1  # the budget, not the target, ended the first window
     assert all(first == last_of_previous for (first, _), (_, last_of_previous)
                in zip(windows[1:], windows[:-1], strict=True))
+
+
+def test_resumed_run_continues_every_replica_stream_and_rng_exactly(tmp_path):
+    """Replicas with shards of different lengths and their own dropout masks: train(7) then
+    train(6) ends bit for bit where train(13) does."""
+    outcome = run_fresh(SCRIPT, "resume", tmp_path)
+    assert outcome["equal"]
+    # per-replica batch 4: shard 0 has 10 batches a pass, shard 1 has 6; 13 steps are
+    # 10 + 3 and 6 + 6 + 1
+    assert outcome["positions"] == {"replica0": {"epoch": 1, "batch": 3},
+                                    "replica1": {"epoch": 2, "batch": 1}}
+
+
+def test_dataloader_of_global_batches_trains_like_one_replica(tmp_path):
+    """A shuffled DataLoader of params["batch_size"] (global) batches: each replica takes its
+    rows of the same seeded order, and the short last batch of each pass is skipped by all."""
+    outcome = run_fresh(SCRIPT, "loader", tmp_path)
+    assert outcome["max_difference"] < 1e-5

@@ -47,7 +47,7 @@ def run_job(name: str, directory: str) -> dict:
     with open(out + ".0") as handle:
         result = json.load(handle)
     with open(out + ".seen") as handle:
-        result["seen"] = {tuple(map(json.dumps, json.loads(line))) for line in handle}
+        result["seen"] = [json.loads(line) for line in handle]
     result["model_dir"] = config["model_dir"]
     return result
 
@@ -104,8 +104,7 @@ def test_one_replica_xla_and_plain_pytorch_train_alike(results):
 @pytest.mark.parametrize("layout", ["spmd4_per_replica", "gloo4_per_replica"])
 def test_per_replica_input_fn_calls_train_like_one_replica(results, layout):
     assert_same_run(results[layout], results["xla1_ordered"], rtol=1e-3, atol=1e-5)
-    seen = [json.loads(value) for key, value in results[layout]["seen"]
-            if json.loads(key) == "input_fn/train"]
+    seen = [value for key, value in results[layout]["seen"] if key == "input_fn/train"]
     # one input_fn call per replica, each with the per-replica batch and its own pipeline id
     assert sorted(seen) == [[2, replica, 4] for replica in range(4)]
 
@@ -117,12 +116,14 @@ def test_per_replica_input_fn_calls_train_like_one_replica(results, layout):
     ("gloo4", 2, [8, 0, 1]),
 ])
 def test_params_batch_sizes_follow_the_layout(results, layout, model_fn_batch, input_fn_call):
-    seen = [(json.loads(key), json.loads(value)) for key, value in results[layout]["seen"]]
+    seen = results[layout]["seen"]
     replicas = LAYOUTS[layout]["replicas"]
-    for mode in ("train", "eval", "infer"):
-        assert [value for key, value in seen if key == f"model_fn/{mode}"] == [
-            [model_fn_batch, model_fn_batch, replicas]], mode
-    assert [value for key, value in seen if key == "input_fn/train"] == [input_fn_call]
+    for mode in ("train", "eval", "infer"):  # every model_fn call, in every replica process
+        calls = [value for key, value in seen if key == f"model_fn/{mode}"]
+        assert calls and all(call == [model_fn_batch, model_fn_batch, replicas] for call in calls)
+    # one per-host input_fn call in each replica process
+    processes = 1 if LAYOUTS[layout]["runtime"] in ("xla", "spmd") else replicas
+    assert [value for key, value in seen if key == "input_fn/train"] == [input_fn_call] * processes
 
 
 @pytest.mark.parametrize("layout", ["gloo4", "spmd4", "torchrun2"])

@@ -229,6 +229,15 @@ def test_stop_at_step_hook_ends_the_window_exactly(tmp_path):
     assert recorder.windows[-1][:2] == (4, 6)
 
 
+def test_stop_at_a_step_already_passed_runs_nothing(tmp_path):
+    estimator = make_estimator(tmp_path)
+    estimator.train(lambda params: make_data(64), steps=6)
+    before = estimator.latest_checkpoint()
+    estimator.train(lambda params: make_data(64), hooks=[StopAtStepHook(last_step=4)])
+    assert estimator.get_variable_value("global_step") == 6
+    assert estimator.latest_checkpoint() == before
+
+
 def test_saving_listeners_see_every_checkpoint(tmp_path):
     class Listener(CheckpointSaverListener):
         def __init__(self):

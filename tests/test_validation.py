@@ -122,6 +122,17 @@ def test_replica_layout_errors_name_the_numbers(tmp_path, monkeypatch, devices, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_distributed_sampler_under_per_host_input_is_refused(tmp_path):
+    data = make_data(16)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+    estimator = make_estimator(tmp_path)
+    with pytest.raises(ValueError, match="DataLoader with a DistributedSampler, but this input "
+                                         "is per-host"):
+        estimator.train(lambda params: loader, steps=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_num_shards_must_agree_with_torchrun_world_size(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

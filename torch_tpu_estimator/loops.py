@@ -70,16 +70,26 @@ class Job:
         saved position), batched and sliced, joined step by step when there are several."""
         streams = []
         for shard in input_shards(runtime, mode, self.global_batch_size, self.per_host_input):
-            if positions and shard.key not in positions:
-                logger.warning("the checkpoint holds no position for input stream %r (it was "
-                               "written with another input layout): it starts from the first "
-                               "batch of the data", shard.key)
             params = {**self.params, "batch_size": shard.batch_size, "context": shard.context,
                       "use_tpu": self.use_tpu}
             pipeline = InputPipeline(call_input_fn(input_fn, params), mode, shard,
                                      self.config.input_config, self.config.seed)
             streams.append(pipeline.batches(positions.get(shard.key, InputPosition())))
         return concatenated(streams)
+
+    def own_positions(self, runtime: Runtime, restored: dict[str, InputPosition]
+                      ) -> dict[str, InputPosition]:
+        """The restored positions of this process's training streams only, so that gathering
+        every process's positions never lets a stale copy of another's win."""
+        own = {}
+        for shard in input_shards(runtime, ModeKeys.TRAIN, self.global_batch_size,
+                                  self.per_host_input):
+            if restored and shard.key not in restored:
+                logger.warning("the checkpoint holds no position for input stream %r (it was "
+                               "written with another input layout): it starts from the first "
+                               "batch of the data", shard.key)
+            own[shard.key] = restored.get(shard.key, InputPosition())
+        return own
 
     def agrees_each_step(self, runtime: Runtime, mode: str) -> bool:
         """Whether processes must agree before every step: when a time budget, or per-replica
@@ -240,6 +250,7 @@ def train_replica(
                     restored_step, target)
         return restored_step
 
+    state.positions = job.own_positions(runtime, state.positions)
     windows = open_windows(job, runtime, ModeKeys.TRAIN, input_fn, state.positions)
     config = job.config
     all_hooks: list[Hook] = [NanLossGuard()]
