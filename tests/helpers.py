@@ -55,10 +55,11 @@ def adam_with_schedule(model, params):
 def make_estimator(model_dir, use_tpu=True, iterations_per_loop=4, optimizer_fn=sgd,
                    dropout=0.0, params=None, train_batch_size=8, fn=model_fn, warm_start_from=None,
                    eval_on_tpu=True, num_shards=None, per_host_input_for_training=True,
-                   **config):
+                   strategy="mp", **config):
     config.setdefault("log_step_count_steps", 1)
     tpu_config = TPUConfig(iterations_per_loop=iterations_per_loop, num_shards=num_shards,
-                           per_host_input_for_training=per_host_input_for_training)
+                           per_host_input_for_training=per_host_input_for_training,
+                           strategy=strategy)
     return TPUEstimator(
         model_fn=fn,
         model_init_fn=lambda p: Net(dropout=dropout),
@@ -96,7 +97,8 @@ def run_fresh(script: str, *args, **env_overrides) -> object:
     """Runs `script` in a new interpreter (empty compile cache, no runtime started, no autograd
     threads) and returns the JSON its last output line holds."""
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
-               PYTHONPATH=os.path.dirname(__file__), **env_overrides)
+               PYTHONPATH=os.path.dirname(__file__))
+    env.update(env_overrides)
     result = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

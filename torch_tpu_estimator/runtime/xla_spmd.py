@@ -57,7 +57,8 @@ class XlaSpmdRuntime(XlaRuntime):
 
     def launch(self, worker: Callable[[], T]) -> T:
         if self._mesh is None:
-            xr.use_spmd()  # before this process's first XLA tensor; it lasts for the process
+            if not xr.is_spmd():  # before this process's first XLA tensor; it lasts for good
+                xr.use_spmd()
             if xr.process_count() != 1:
                 raise ValueError(
                     f"strategy='spmd' runs on one host; this job has {xr.process_count()} "
