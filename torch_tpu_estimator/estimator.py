@@ -19,7 +19,8 @@ from . import checkpoint, summary
 from .config import RunConfig, TPUConfig
 from .hooks import CheckpointSaverListener, Hook
 from .inference import evaluate_replica, predict_replica
-from .loops import InputFn, Job, ModelFn, train_replica
+from .job import InputFn, Job, ModelFn
+from .loops import train_replica
 from .runtime import Runtime, resolve_runtime
 from .spec import ModeKeys
 from .training_state import ModelInitFn, OptimizerFn

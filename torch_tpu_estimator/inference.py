@@ -15,7 +15,8 @@ import torch
 
 from .gather import real_examples
 from .hooks import Hook, RunContext, Window
-from .loops import InputFn, Job, open_windows
+from .job import InputFn, Job
+from .loops import open_windows
 from .metrics import Metric
 from .runtime.base import Runtime
 from .spec import ModeKeys, call_with_tensors, validate_spec

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from .checkpoint import atomic_write
 from .estimator import TPUEstimator
-from .loops import InputFn
+from .job import InputFn
 from .runtime.torch_dist import launched_rank
 
 logger = logging.getLogger("torch_tpu_estimator")
