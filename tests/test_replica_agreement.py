@@ -60,10 +60,14 @@ if scenario == "resume":
     print(json.dumps({"equal": same(split, whole), "positions": whole["positions"]}))
     sys.exit()
 if scenario == "loader":
+    def input_fn(params):
+        features = torch.randn(60, 8)  # drawn from the global RNG, as many input_fns do
+        data = TensorDataset(features, (features.sum(1) > 0).long())
+        return DataLoader(data, batch_size=params["batch_size"], shuffle=True)
+
     def weights(**layout):
         estimator = make_estimator(f"{model_dir}/{len(layout)}", use_tpu=False, **layout)
-        estimator.train(lambda params: DataLoader(make_data(60), batch_size=params["batch_size"],
-                                                  shuffle=True), steps=12)
+        estimator.train(input_fn, steps=12)
         return estimator.get_variable_value("layers.0.weight")
     one, two = weights(), weights(num_shards=2)
     print(json.dumps({"max_difference": float(abs(one - two).max())}))
@@ -107,7 +111,8 @@ def test_resumed_run_continues_every_replica_stream_and_rng_exactly(tmp_path):
 
 
 def test_dataloader_of_global_batches_trains_like_one_replica(tmp_path):
-    """A shuffled DataLoader of params["batch_size"] (global) batches: each replica takes its
-    rows of the same seeded order, and the short last batch of each pass is skipped by all."""
+    """A shuffled DataLoader of params["batch_size"] (global) batches over data drawn from the
+    global RNG: every replica builds the same data and order and takes its rows of it, and the
+    short last batch of each pass is skipped by all."""
     outcome = run_fresh(SCRIPT, "loader", tmp_path)
     assert outcome["max_difference"] < 1e-5

@@ -132,6 +132,16 @@ def test_distributed_sampler_under_per_host_input_is_refused(tmp_path):
         estimator.train(lambda params: loader, steps=1)
     assert list(tmp_path.iterdir()) == []
 
+    def sharded_by_context(params):  # per-replica input written for any replica count
+        context = params["context"]
+        sampler = torch.utils.data.DistributedSampler(
+            data, num_replicas=context.num_input_pipelines, rank=context.input_pipeline_id)
+        return torch.utils.data.DataLoader(data, batch_size=params["batch_size"], sampler=sampler)
+
+    one_replica = make_estimator(tmp_path, per_host_input_for_training=False)
+    one_replica.train(sharded_by_context, steps=2)
+    assert one_replica.get_variable_value("global_step") == 2
+
 
 def test_num_shards_must_agree_with_torchrun_world_size(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -67,7 +67,8 @@ def _launch_with_hooks(runtime: Runtime, work: Callable[[], T], hooks: Sequence[
     the caller's, the chief's hooks' attributes are copied back into the caller's hook objects."""
     if runtime.caller_is_replica or not hooks:
         return runtime.launch(work)
-    result, states = runtime.launch(lambda: (work(), [_portable_state(hook) for hook in hooks]))
+    result, states = runtime.launch(lambda: (work(), [
+        _portable_state(hook) if runtime.is_chief else None for hook in hooks]))
     for hook, state in zip(hooks, states, strict=True):
         if state is not None:
             vars(hook).update(state)

@@ -178,10 +178,12 @@ def _kind_of(source: Any) -> str:
 
 
 def _has_distributed_sampler(source: Any) -> bool:
+    """Whether a DataLoader shards its data set over several replicas itself."""
     if not isinstance(source, DataLoader):
         return False
     samplers = (source.sampler, getattr(source.batch_sampler, "sampler", None))
-    return any(isinstance(sampler, DistributedSampler) for sampler in samplers)
+    return any(isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1
+               for sampler in samplers)
 
 
 def _seeded_pass(batches: Iterable[Any], seed: int) -> Iterator[Any]:

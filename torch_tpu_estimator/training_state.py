@@ -7,7 +7,6 @@ and captured back into a checkpoint's plain, CPU-side form.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +17,6 @@ import torch
 from .checkpoint import load_checkpoint
 from .input import InputPosition
 from .runtime.base import Runtime
-
-logger = logging.getLogger("torch_tpu_estimator")
 
 ModelInitFn = Callable[[dict], torch.nn.Module]
 OptimizerFn = Callable[[torch.nn.Module, dict], Any]
@@ -42,12 +39,6 @@ def _capture_host_rng() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-
-
-def replica_seed(seed: int, process_index: int) -> int:
-    """The RNG seed of a replica process: the run's seed on the chief, a distinct one on each
-    other replica, so that replicas draw different dropout masks for their different rows."""
-    return seed if process_index == 0 else (seed * 1_000_003 + 7_919 * process_index) % 2**63
 
 
 def capture_rng(runtime: Runtime) -> dict:
@@ -127,10 +118,9 @@ class TrainingState:
                     "optimizer_fn must return a torch.optim.Optimizer or "
                     f"(optimizer, lr_scheduler), got {type(optimizer).__name__}"
                 )
-        own_seed = replica_seed(seed, runtime.process_index)
-        if own_seed != seed:
-            seed_everything(own_seed)
-        runtime.set_device_rng_state(own_seed)
+        # Every replica draws from the same seed, as Accelerate's set_seed and Lightning's
+        # seed_everything do: per-host input relies on input_fn seeing the same RNG everywhere.
+        runtime.set_device_rng_state(seed)
         return cls(model, optimizer, scheduler)
 
     def restore(self, path: str, runtime: Runtime, weights_only: bool = False) -> int:
@@ -154,8 +144,8 @@ class TrainingState:
             _restore_host_rng(rngs[runtime.process_index])
             runtime.set_device_rng_state(rngs[runtime.process_index]["device"])
         else:
-            logger.warning("%s holds the RNG states of %d process(es); replica process %d keeps "
-                           "its fresh seed", path, len(rngs), runtime.process_index)
+            _restore_host_rng(rngs[0])  # written by fewer processes: take the chief's
+            runtime.set_device_rng_state(rngs[0]["device"])
         return self.global_step
 
     def capture(self, runtime: Runtime, positions: dict[str, InputPosition],
