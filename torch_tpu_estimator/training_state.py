@@ -140,12 +140,10 @@ class TrainingState:
             positions = {"host": state.get("input_position", {})}
         self.positions = {key: InputPosition(**value) for key, value in positions.items()}
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if runtime.process_index < len(rngs):
-            _restore_host_rng(rngs[runtime.process_index])
-            runtime.set_device_rng_state(rngs[runtime.process_index]["device"])
-        else:
-            _restore_host_rng(rngs[0])  # written by fewer processes: take the chief's
-            runtime.set_device_rng_state(rngs[0]["device"])
+        # a process the checkpoint has no state for (fewer processes wrote it) takes the chief's
+        own = rngs[runtime.process_index] if runtime.process_index < len(rngs) else rngs[0]
+        _restore_host_rng(own)
+        runtime.set_device_rng_state(own["device"])
         return self.global_step
 
     def capture(self, runtime: Runtime, positions: dict[str, InputPosition],
