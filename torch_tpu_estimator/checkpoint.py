@@ -37,8 +37,9 @@ def step_of(path: str) -> int:
     return int(match.group(1))
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    """Flushes a file's or a directory's contents (for a directory: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -59,7 +60,7 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
         if os.path.exists(temp_path):
             os.remove(temp_path)
         raise
-    _fsync_dir(directory)
+    fsync_path(directory)
 
 
 def _read_index(model_dir: str) -> list[str]:

@@ -62,6 +62,15 @@ def _restore_host_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def build_module(model_init_fn: ModelInitFn, params: dict, seed: int) -> torch.nn.Module:
+    """Calls model_init_fn after seeding, so that the same params build the same weights."""
+    seed_everything(seed)
+    module = model_init_fn(dict(params))
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"model_init_fn must return a torch.nn.Module, got {type(module).__name__}")
+    return module
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside a wrapper such as DistributedDataParallel."""
     return getattr(model, "module", model)
@@ -102,12 +111,7 @@ class TrainingState:
         seed: int,
     ) -> TrainingState:
         """Builds the module (seeded) on the replica's device, then its optimizer."""
-        seed_everything(seed)
-        module = model_init_fn(dict(params))
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(
-                f"model_init_fn must return a torch.nn.Module, got {type(module).__name__}"
-            )
+        module = build_module(model_init_fn, params, seed)
         model = runtime.prepare_model(module, training=optimizer_fn is not None)
         optimizer, scheduler = None, None
         if optimizer_fn is not None:
