@@ -23,6 +23,7 @@ __all__ = [
     "train_and_evaluate",
     "CheckpointSaverListener",
     "EstimatorSpec",
+    "ExportedModel",
     "Hook",
     "InputPipelineConfig",
     "LoggingHook",
@@ -37,4 +38,14 @@ __all__ = [
     "TPUEstimator",
     "TPUEstimatorSpec",
     "Window",
+    "load_exported",
 ]
+
+
+def __getattr__(name: str):
+    """load_exported and ExportedModel import torch_xla, so they load on first use: importing
+    the package alone never starts torch_xla (plain PyTorch runs do not need it)."""
+    if name in ("ExportedModel", "load_exported"):
+        from . import serving
+        return getattr(serving, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

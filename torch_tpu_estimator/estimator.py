@@ -10,7 +10,7 @@ import logging
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -22,8 +22,10 @@ from .inference import evaluate_replica, predict_replica
 from .job import InputFn, Job, ModelFn
 from .loops import train_replica
 from .runtime import Runtime, resolve_runtime
+from .runtime.base import ReplicaContext
+from .signature import DEFAULT_SERVING_BATCH_SIZES
 from .spec import ModeKeys
-from .training_state import ModelInitFn, OptimizerFn
+from .training_state import ModelInitFn, OptimizerFn, build_module, load_model_weights
 
 logger = logging.getLogger("torch_tpu_estimator")
 T = TypeVar("T")
@@ -73,6 +75,31 @@ def _launch_with_hooks(runtime: Runtime, work: Callable[[], T], hooks: Sequence[
         if state is not None:
             vars(hook).update(state)
     return result
+
+
+def _check_batch_sizes(batch_sizes: Any) -> tuple[int, ...]:
+    if isinstance(batch_sizes, int) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
+        raise TypeError(f"batch_sizes must be a non-empty sequence of ints, got {batch_sizes!r}")
+    for size in batch_sizes:
+        _check_positive_int("each of batch_sizes", size)
+    return tuple(sorted(set(batch_sizes)))
+
+
+def _check_assets_extra(assets_extra: Mapping[str, str] | None) -> dict[str, str]:
+    """assets_extra as {relative destination: existing source file}."""
+    if assets_extra is None:
+        return {}
+    if not isinstance(assets_extra, Mapping):
+        raise TypeError("assets_extra must be a dict of destination path -> source file, got "
+                        f"{type(assets_extra).__name__}")
+    for destination, source in assets_extra.items():
+        parts = os.path.normpath(str(destination)).split(os.sep)
+        if os.path.isabs(str(destination)) or ".." in parts:
+            raise ValueError(f"assets_extra destination {destination!r} must be a relative path "
+                             "inside assets.extra/")
+        if not os.path.isfile(source):
+            raise ValueError(f"assets_extra source {source!r} (for {destination!r}) is not a file")
+    return {str(destination): str(source) for destination, source in assets_extra.items()}
 
 
 def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
@@ -285,6 +312,50 @@ class TPUEstimator:
         runtime = self._runtime
         return runtime.stream(lambda: predict_replica(
             job, runtime, input_fn, predict_keys, hooks, path, yield_single_examples))
+
+    def export_saved_model(
+        self,
+        export_dir_base: str,
+        serving_input_receiver_fn_or_example_features: Any,
+        assets_extra: Mapping[str, str] | None = None,
+        checkpoint_path: str | None = None,
+        batch_sizes: Sequence[int] = DEFAULT_SERVING_BATCH_SIZES,
+        as_tf_saved_model: bool = False,
+    ) -> str:
+        """Exports the latest (or given) checkpoint for serving; returns the new directory.
+
+        The second argument is example features (a tensor or dict of tensors, batch first: their
+        dtypes and per-example shapes become the signature) or a function of no arguments that
+        returns them. model_fn is traced in PREDICT mode once per batch size in `batch_sizes`;
+        its `export_outputs`, else its `predictions`, are the outputs. `assets_extra` maps a
+        path inside `assets.extra/` to the file copied there. The layout is in export.py;
+        `load_exported` serves it.
+        """
+        if not isinstance(export_dir_base, (str, os.PathLike)):
+            raise TypeError(f"export_dir_base must be a path, got {type(export_dir_base).__name__}")
+        export_dir_base = os.fspath(export_dir_base)
+        if os.path.exists(export_dir_base) and not os.path.isdir(export_dir_base):
+            raise ValueError(f"export_dir_base {export_dir_base!r} exists and is not a directory")
+        sizes = _check_batch_sizes(batch_sizes)
+        assets = _check_assets_extra(assets_extra)
+        if not isinstance(as_tf_saved_model, bool):
+            raise TypeError("as_tf_saved_model must be a bool")
+        from .export import export_model  # imports torch_xla, which plain PyTorch runs skip
+        from .tf_export import import_tensorflow
+        if as_tf_saved_model:
+            import_tensorflow()
+        path = self._checkpoint_to_use(checkpoint_path)
+        features = serving_input_receiver_fn_or_example_features
+        if callable(features):
+            features = features()
+        params = {**self._params, "batch_size": sizes[-1], "use_tpu": self._use_tpu,
+                  "context": ReplicaContext(0, 1, 0, 1, device="cpu", mode=ModeKeys.PREDICT)}
+        model = build_module(self._model_init_fn, params, self._config.seed)
+        state = checkpoint.load_checkpoint(path)
+        load_model_weights(model, state["model"], path)
+        return export_model(self._model_fn, model.eval(), params, features, sizes,
+                            export_dir_base, path, state["global_step"], assets,
+                            as_tf_saved_model)
 
     def latest_checkpoint(self) -> str | None:
         """Path of the newest checkpoint in model_dir, or None."""

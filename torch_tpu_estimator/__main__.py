@@ -1,0 +1,7 @@
+"""`python -m torch_tpu_estimator inspect PATH` (see cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

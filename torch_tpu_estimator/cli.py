@@ -1,0 +1,84 @@
+"""`python -m torch_tpu_estimator inspect PATH`: what a checkpoint or an export holds.
+
+PATH is a checkpoint file, a model_dir (its latest checkpoint), an export directory, or an
+export_dir_base (its newest export). Nothing is loaded onto a device and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable
+
+import numpy as np
+
+from .checkpoint import INDEX_NAME, load_checkpoint, resolve_checkpoint_path
+from .signature import STABLEHLO_DIR, newest_export, read_signature
+
+
+def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[str]:
+    rows = sorted(variables)
+    width = max((len(name) for name, _, _ in rows), default=0)
+    return [f"  {name:<{width}}  {dtype:<8} {list(shape)}" for name, dtype, shape in rows]
+
+
+def describe_checkpoint(path: str) -> list[str]:
+    state = load_checkpoint(path)
+    variables = [(name, str(value.dtype).removeprefix("torch."), tuple(value.shape))
+                 for name, value in state["model"].items()]
+    size = sum(value.numel() for value in state["model"].values())
+    lines = [f"checkpoint: {path}", f"global_step: {state['global_step']}",
+             f"optimizer state: {'yes' if state.get('optimizer') else 'no'}, "
+             f"lr scheduler state: {'yes' if state.get('scheduler') else 'no'}"]
+    for key, position in sorted((state.get("input_positions") or {}).items()):
+        lines.append(f"input position {key!r}: pass {position['epoch']}, batch {position['batch']}")
+    lines.append(f"variables ({len(variables)}, {size} values):")
+    return lines + _variable_lines(variables)
+
+
+def _npy_header(path: str) -> tuple[str, tuple[int, ...]]:
+    array = np.load(path, mmap_mode="r")  # reads the header only
+    return str(array.dtype), tuple(array.shape)
+
+
+def describe_export(export_dir: str) -> list[str]:
+    signature = read_signature(export_dir)
+    lines = [f"export: {export_dir}",
+             f"from checkpoint: {signature.checkpoint} (global_step {signature.global_step})",
+             f"batch sizes: {list(signature.batch_sizes)}",
+             f"TF SavedModel: {'tf_saved_model/' if signature.tf_saved_model else 'no'}",
+             "inputs:", *(f"  {spec.describe()}" for spec in signature.inputs),
+             "outputs:", *(f"  {spec.describe()}" for spec in signature.outputs)]
+    if signature.assets_extra:
+        lines += ["assets.extra:", *(f"  {name}" for name in signature.assets_extra)]
+    data_dir = os.path.join(export_dir, STABLEHLO_DIR, "data")
+    names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    variables = [(name, *_npy_header(os.path.join(data_dir, name))) for name in names]
+    lines.append(f"variables ({len(variables)}):")
+    return lines + _variable_lines(variables)
+
+
+def describe(path: str) -> list[str]:
+    """Lines describing what `path` holds."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, INDEX_NAME)):
+        return describe_export(newest_export(path))
+    return describe_checkpoint(resolve_checkpoint_path(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torch_tpu_estimator",
+                                     description="Tools for torch_tpu_estimator's files.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="print a checkpoint's or an export's "
+                                  "signature, step and variables")
+    inspect.add_argument("path", help="a checkpoint file, a model_dir, an export directory or "
+                                      "an export_dir_base")
+    args = parser.parse_args(argv)
+    try:
+        lines = describe(args.path)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"inspect: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0

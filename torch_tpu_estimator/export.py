@@ -1,0 +1,250 @@
+"""Export for serving: model_fn in PREDICT mode, traced with torch.export at each serving batch
+size, lowered to StableHLO by torch_xla, and written to a new timestamped directory.
+
+Shapes are static, as on TPU serving: one program per batch size, and a server pads each request
+up to the smallest size that holds it (serving.py does). Everything is traced and lowered in
+memory first, then written to a hidden temporary directory that is renamed into place only when
+complete, so a failed or killed export never leaves a directory that looks like an export.
+
+    <export_dir_base>/<unix seconds>/
+        signature.json        inputs, outputs, batch sizes, checkpoint and step (signature.py)
+        stablehlo/            torch_xla's StableHLO bundle: functions/batch_<n>.*, data/ (weights)
+        xla_hlo/batch_<n>.pb  the same programs as XLA HloModuleProtos, which load_exported runs
+        assets.extra/         the files given as assets_extra
+        tf_saved_model/       with as_tf_saved_model=True (tf_export.py)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from unittest import mock
+
+import torch
+import torch_xla
+import torch_xla.core.xla_model as xm
+from torch_xla import stablehlo
+
+from .checkpoint import fsync_path
+from .signature import (
+    ASSETS_EXTRA_DIR,
+    HLO_DIR,
+    SIGNATURE_NAME,
+    STABLEHLO_DIR,
+    TENSOR_PREDICTIONS,
+    TF_SAVED_MODEL_DIR,
+    ExportSignature,
+    TensorSpec,
+    hlo_path,
+    named_rows,
+)
+from .spec import ModeKeys, validate_spec
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+def serving_outputs(model_fn: Callable[..., Any], model: torch.nn.Module, features: Any,
+                    params: dict) -> tuple[dict[str, torch.Tensor], bool]:
+    """model_fn's export outputs in PREDICT mode (`export_outputs`, else `predictions`) as a
+    name -> tensor dict, and whether model_fn gave a dict."""
+    spec = validate_spec(model_fn(model, features, None, ModeKeys.PREDICT, params),
+                         ModeKeys.PREDICT)
+    outputs = spec.export_outputs if spec.export_outputs is not None else spec.predictions
+    is_dict = isinstance(outputs, Mapping)
+    named = dict(outputs) if is_dict else {TENSOR_PREDICTIONS: outputs}
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"model_fn's export output {name!r} must be a tensor, got "
+                            f"{type(value).__name__}")
+    return named, is_dict
+
+
+class _ServingModule(torch.nn.Module):
+    """model_fn in PREDICT mode as a module of positional tensors, which torch.export traces."""
+
+    def __init__(self, model_fn: Callable[..., Any], model: torch.nn.Module, params: dict,
+                 input_names: Sequence[str], features_is_dict: bool):
+        super().__init__()
+        self.model = model
+        self._model_fn = model_fn
+        self._params = params
+        self._input_names = list(input_names)
+        self._features_is_dict = features_is_dict
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = dict(zip(self._input_names, tensors, strict=True)) \
+            if self._features_is_dict else tensors[0]
+        params = {**self._params, "batch_size": tensors[0].shape[0]}
+        outputs, _ = serving_outputs(self._model_fn, self.model, features, params)
+        return tuple(outputs.values())
+
+
+def _checked_outputs(module: _ServingModule, inputs: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Runs model_fn once, eagerly, on the example features: a mismatch shows here, clearly."""
+    rows = next(iter(inputs.values())).shape[0]
+    described = ", ".join(TensorSpec.of_rows(name, value).describe()
+                          for name, value in inputs.items())
+    try:
+        with torch.no_grad():
+            features = inputs if module._features_is_dict else next(iter(inputs.values()))
+            outputs, is_dict = serving_outputs(module._model_fn, module.model, features,
+                                               {**module._params, "batch_size": rows})
+    except Exception as error:
+        raise ValueError(f"model_fn fails in PREDICT mode on the example features ({described}): "
+                         f"{type(error).__name__}: {error}") from error
+    for name, value in outputs.items():
+        if value.dim() == 0 or value.shape[0] != rows:
+            raise ValueError(
+                f"model_fn's export output {name!r} has shape {tuple(value.shape)} for a batch of "
+                f"{rows}: every output needs the batch as its first axis, to strip padding")
+    return outputs, is_dict
+
+
+def _tiled(inputs: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The example rows repeated to fill `batch_size` rows: tracing inputs of the right shape."""
+    tiled = []
+    for value in inputs.values():
+        repeats = -(-batch_size // value.shape[0])
+        tiled.append(value.repeat(repeats, *([1] * (value.dim() - 1)))[:batch_size].contiguous())
+    return tuple(tiled)
+
+
+def _lowered(module: _ServingModule, args: tuple[torch.Tensor, ...]
+             ) -> tuple[stablehlo.StableHLOGraphModule, bytes]:
+    """model_fn traced at one batch size, as StableHLO and as the HLO module of the same trace.
+
+    torch_xla 2.9's exported_program_to_stablehlo keeps its traced tensors to itself; the HLO is
+    read from them as it asks for their StableHLO, so both hold one graph with one parameter
+    order (the StableHLO function's input_locations). serving.py runs the HLO, which torch_xla
+    compiles once per shape; it has no cache for StableHLO runs.
+    """
+    try:
+        exported = torch.export.export(module, args)
+    except Exception as error:
+        raise ValueError(f"torch.export could not trace model_fn in PREDICT mode at batch size "
+                         f"{args[0].shape[0]} (exports need static control flow): "
+                         f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
+    hlo = []
+    to_stablehlo = xm.get_stablehlo_bytecode
+
+    def stablehlo_and_hlo(tensors: list[torch.Tensor]) -> bytes:
+        hlo.append(torch_xla._XLAC._get_xla_tensors_hlo_proto(tensors))
+        return to_stablehlo(tensors)
+
+    options = stablehlo.StableHLOExportOptions(override_tracing_arguments=args)
+    with mock.patch.object(xm, "get_stablehlo_bytecode", stablehlo_and_hlo):
+        program = stablehlo.exported_program_to_stablehlo(exported, options)
+    (hlo_module,) = hlo
+    return program, hlo_module
+
+
+def _one_bundle(programs: dict[int, stablehlo.StableHLOGraphModule]
+                ) -> stablehlo.StableHLOGraphModule:
+    """The per-batch-size programs as one StableHLO bundle: one copy of the weights, one
+    function per batch size, named by ExportSignature.function_name."""
+    merged = None
+    for size, program in sorted(programs.items()):
+        bundle = program._bundle
+        function = bundle.stablehlo_funcs[0]
+        function.meta.name = ExportSignature.function_name(size)
+        if merged is None:
+            merged = stablehlo.StableHLOModelBundle(
+                state_dict=bundle.state_dict, additional_constants=[], stablehlo_funcs=[])
+        offset = len(merged.additional_constants)
+        for location in function.meta.input_locations:
+            if location.type_ == stablehlo.VariableType.CONSTANT:
+                location.position += offset
+        merged.additional_constants.extend(bundle.additional_constants)
+        merged.stablehlo_funcs.append(function)
+    return stablehlo.StableHLOGraphModule(merged)
+
+
+def _copy_assets(directory: str, assets_extra: Mapping[str, str]) -> None:
+    for name, source in assets_extra.items():
+        destination = os.path.join(directory, ASSETS_EXTRA_DIR, name)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        shutil.copyfile(source, destination)
+
+
+def _fsync_tree(directory: str) -> None:
+    for root, _, files in os.walk(directory):
+        for name in [*files, "."]:
+            fsync_path(os.path.join(root, name))
+
+
+def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
+    """Runs write(temporary_dir), then renames it to the first free `<unix seconds>` name."""
+    created_base = not os.path.exists(export_dir_base)
+    os.makedirs(export_dir_base, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=".tmp-export-", dir=export_dir_base)
+    try:
+        write(temporary)
+        _fsync_tree(temporary)
+        stamp = int(time.time())
+        while os.path.exists(os.path.join(export_dir_base, str(stamp))):
+            stamp += 1
+        final = os.path.join(export_dir_base, str(stamp))
+        os.rename(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if created_base and not os.listdir(export_dir_base):
+            os.rmdir(export_dir_base)
+        raise
+    fsync_path(export_dir_base)
+    return final
+
+
+def export_model(
+    model_fn: Callable[..., Any],
+    model: torch.nn.Module,
+    params: dict,
+    example_features: Any,
+    batch_sizes: Sequence[int],
+    export_dir_base: str,
+    checkpoint_path: str,
+    global_step: int,
+    assets_extra: Mapping[str, str],
+    as_tf_saved_model: bool,
+) -> str:
+    """Traces, lowers and writes one export of `model` (already restored, in eval mode)."""
+    inputs, features_is_dict = named_rows(example_features, "example features")
+    module = _ServingModule(model_fn, model, params, list(inputs), features_is_dict).eval()
+    outputs, predictions_is_dict = _checked_outputs(module, inputs)
+    started = time.time()
+    lowered = {size: _lowered(module, _tiled(inputs, size)) for size in batch_sizes}
+    program = _one_bundle({size: programs[0] for size, programs in lowered.items()})
+    logger.info("Lowered model_fn to StableHLO at batch sizes %s in %.1f s", list(batch_sizes),
+                time.time() - started)
+    signature = ExportSignature(
+        inputs=tuple(TensorSpec.of_rows(name, value) for name, value in inputs.items()),
+        outputs=tuple(TensorSpec.of_rows(name, value) for name, value in outputs.items()),
+        features_is_dict=features_is_dict,
+        predictions_is_dict=predictions_is_dict,
+        batch_sizes=tuple(batch_sizes),
+        checkpoint=os.path.abspath(checkpoint_path),
+        global_step=global_step,
+        tf_saved_model=as_tf_saved_model,
+        assets_extra=tuple(sorted(assets_extra)),
+    )
+
+    def write(directory: str) -> None:
+        program.save(os.path.join(directory, STABLEHLO_DIR))
+        os.makedirs(os.path.join(directory, HLO_DIR))
+        for size, (_, hlo_module) in lowered.items():
+            with open(hlo_path(directory, size), "wb") as handle:
+                handle.write(hlo_module)
+        _copy_assets(directory, assets_extra)
+        if as_tf_saved_model:
+            from .tf_export import save_tf_saved_model
+            save_tf_saved_model(program, signature, os.path.join(directory, TF_SAVED_MODEL_DIR))
+        with open(os.path.join(directory, SIGNATURE_NAME), "w") as handle:
+            handle.write(signature.to_json())
+
+    path = _publish(export_dir_base, write)
+    logger.info("Exported the model of step %d to %s", global_step, path)
+    return path
