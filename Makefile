@@ -1,5 +1,6 @@
 # `make demo` and `make test` set up .venv on first use (torch 2.9.0 is a ~7 GB CUDA build on
-# x86_64) and reuse it afterwards; the stamp file reinstalls only when setup.py changes.
+# x86_64; the tf extra lets the SavedModel export test run) and reuse it afterwards; the stamp
+# file reinstalls only when setup.py changes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ export PJRT_DEVICE ?= CPU
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,examples]'
+	$(PY) -m pip install --quiet -e '.[dev,examples,tf]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

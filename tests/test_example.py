@@ -27,4 +27,6 @@ def test_digits_example_learns_held_out_digits(tmp_path, layout, devices):
     assert last < 0.25 * first
     accuracy = float(re.search(r"held-out accuracy ([\d.]+)", result.stdout).group(1))
     assert accuracy > 0.9
-    assert "predicted 360 digits" in result.stdout
+    predicted = re.search(r"predicted 360 digits, \d+ correct; first five: (\[.*\])", result.stdout)
+    served = re.search(r"served from the export, first five: (\[.*\])", result.stdout)
+    assert predicted and served and served.group(1) == predicted.group(1)
