@@ -75,7 +75,8 @@ class Tower(torch.nn.Module):
 
 
 def tower_model_fn(model, features, labels, mode, params):
-    logits = model(features["x"], features["kind"])
+    x = features["x"].reshape(params["batch_size"], 8)  # params hold the traced batch size
+    logits = model(x, features["kind"])
     if mode == ModeKeys.PREDICT:
         return TPUEstimatorSpec(mode, predictions={
             "class": logits.argmax(-1), "probabilities": logits.softmax(-1)})
@@ -189,14 +190,25 @@ def test_export_directory_layout_signature_and_assets(trained, tmp_path):
         ["batch_2.bytecode", "batch_8.bytecode"]
 
 
-def test_exports_in_the_same_second_never_overwrite_and_the_newest_is_served(trained, tmp_path):
+def test_exports_never_overwrite_and_the_newest_is_served_even_if_the_clock_goes_back(
+        trained, tmp_path, monkeypatch):
+    import torch_tpu_estimator.export as export
+
     features = TowerData(3).features()
-    paths = [trained.export_saved_model(tmp_path / "exports", features, batch_sizes=(2,))
-             for _ in range(2)]
-    assert paths[0] != paths[1]
-    assert sorted(os.listdir(tmp_path / "exports")) == sorted(map(os.path.basename, paths))
-    assert load_exported(tmp_path / "exports").export_dir == max(paths, key=lambda p: int(
-        os.path.basename(p)))
+    paths = []
+    for now in (1000, 1000, 400):  # twice in one second, then a clock set back
+        monkeypatch.setattr(export.time, "time", lambda now=now: float(now))
+        paths.append(trained.export_saved_model(tmp_path / "exports", features, batch_sizes=(2,)))
+    assert [os.path.basename(path) for path in paths] == ["1000", "1001", "1002"]
+    assert sorted(os.listdir(tmp_path / "exports")) == ["1000", "1001", "1002"]
+    assert load_exported(tmp_path / "exports").export_dir == paths[-1]
+    assert oct(os.stat(paths[-1]).st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_export_outputs_replace_predictions_and_a_tensor_round_trips(tmp_path):
@@ -240,7 +252,9 @@ def test_export_without_a_checkpoint_is_an_error_that_creates_nothing(tmp_path):
     (lambda: {"x": torch.randn(2, 8), "kind": torch.zeros(3, dtype=torch.long)},
      r"example features have different batch sizes \(first axes\): \{'x': 2, 'kind': 3\}"),
     (lambda: {"x": torch.randn(2, 8), "kind": 1}, r"example features\['kind'\] must be a tensor"),
-], ids=["wrong-width", "missing-feature", "ragged-rows", "not-a-tensor"])
+    (lambda: {"x": torch.randn(0, 8), "kind": torch.zeros(0, dtype=torch.long)},
+     "example features have no rows"),
+], ids=["wrong-width", "missing-feature", "ragged-rows", "not-a-tensor", "no-rows"])
 def test_example_features_that_do_not_fit_model_fn_leave_no_directory(trained, tmp_path,
                                                                       features, message):
     exports = tmp_path / "exports"
@@ -254,17 +268,48 @@ def test_example_features_that_do_not_fit_model_fn_leave_no_directory(trained, t
     assert sorted(os.listdir(exports)) == ["123"]
 
 
-def test_an_output_without_a_batch_axis_is_refused(tmp_path):
+def _export_with(tmp_path, predictions, example=None, **kwargs):
+    """Exports a helpers.Net estimator whose PREDICT outputs are predictions(logits)."""
     def fn(model, features, labels, mode, params):
         logits = model(features)
         if mode == ModeKeys.PREDICT:
-            return TPUEstimatorSpec(mode, predictions={"logits": logits, "total": logits.sum()})
+            return TPUEstimatorSpec(mode, predictions=predictions(logits))
         return TPUEstimatorSpec(mode, loss=F.cross_entropy(logits, labels))
 
     estimator = make_estimator(tmp_path / "model", fn=fn)
     estimator.train(lambda params: make_data(16), max_steps=1)
-    with pytest.raises(ValueError, match=r"export output 'total' has shape \(\) for a batch of 3"):
-        estimator.export_saved_model(tmp_path / "exports", torch.randn(3, 8))
+    example = torch.randn(3, 8) if example is None else example
+    return estimator.export_saved_model(tmp_path / "exports", example, **kwargs)
+
+
+@pytest.mark.parametrize("predictions, example, message", [
+    (lambda logits: {"logits": logits, "total": logits.sum()}, torch.randn(3, 8),
+     r"export output 'total' has shape \(\) for a batch of 3"),
+    (lambda logits: {"mean": logits.mean(0, keepdim=True)}, torch.randn(1, 8),
+     r"export output 'mean' traced at batch size 8 is float32\[1, 2\], not mean: "
+     r"float32\[batch, 2\] with batch 8"),
+], ids=["scalar", "batch-axis-reduced"])
+def test_an_output_without_a_batch_axis_is_refused(tmp_path, predictions, example, message):
+    with pytest.raises(ValueError, match=message):
+        _export_with(tmp_path, predictions, example)
+    assert not (tmp_path / "exports").exists()
+
+
+def test_names_a_tf_saved_model_would_change_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"'class id' cannot name a TF SavedModel input or "
+                                         r"output"):
+        _export_with(tmp_path, lambda logits: {"class id": logits.argmax(-1)},
+                     as_tf_saved_model=True)
+    assert not (tmp_path / "exports").exists()
+
+
+def test_bfloat16_weights_are_refused_with_the_way_out(trained, tmp_path):
+    bfloat16 = TPUEstimator(model_fn=tower_model_fn,
+                            model_init_fn=lambda params: Tower().to(torch.bfloat16),
+                            model_dir=trained.model_dir)
+    with pytest.raises(ValueError, match=r"the model's 'embed.weight' is bfloat16.*build the model in "
+                                         r"float32 for export"):
+        bfloat16.export_saved_model(tmp_path / "exports", TowerData(2).features())
     assert not (tmp_path / "exports").exists()
 
 
@@ -285,7 +330,10 @@ def test_a_failed_write_leaves_no_partial_export(trained, tmp_path, monkeypatch)
     ({"batch_sizes": ()}, TypeError, "batch_sizes must be a non-empty sequence of ints"),
     ({"batch_sizes": 4}, TypeError, "batch_sizes must be a non-empty sequence of ints"),
     ({"batch_sizes": (2, 0)}, ValueError, "each of batch_sizes must be a positive int, got 0"),
-    ({"assets_extra": {"../up.txt": __file__}}, ValueError, "must be a relative path inside"),
+    ({"assets_extra": {"../up.txt": __file__}}, ValueError, "must be a relative file path"),
+    ({"assets_extra": {".": __file__}}, ValueError, "must be a relative file path"),
+    ({"assets_extra": {"a.txt": __file__, "./a.txt": __file__}}, ValueError,
+     "assets_extra names 'a.txt' twice"),
     ({"assets_extra": {"a.txt": "/no/such/file"}}, ValueError, "'/no/such/file'.*is not a file"),
     ({"as_tf_saved_model": "yes"}, TypeError, "as_tf_saved_model must be a bool"),
     ({"checkpoint_path": "/no/such/model.ckpt-1.pt"}, FileNotFoundError, "no checkpoint file"),

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .checkpoint import INDEX_NAME, load_checkpoint, resolve_checkpoint_path
-from .signature import STABLEHLO_DIR, newest_export, read_signature
+from .signature import STABLEHLO_DIR, dtype_name, newest_export, read_signature
 
 
 def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[str]:
@@ -24,8 +24,9 @@ def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> li
 
 
 def describe_checkpoint(path: str) -> list[str]:
+    """Step, saved state and variables of one checkpoint file."""
     state = load_checkpoint(path)
-    variables = [(name, str(value.dtype).removeprefix("torch."), tuple(value.shape))
+    variables = [(name, dtype_name(value.dtype), tuple(value.shape))
                  for name, value in state["model"].items()]
     size = sum(value.numel() for value in state["model"].values())
     lines = [f"checkpoint: {path}", f"global_step: {state['global_step']}",
@@ -43,6 +44,7 @@ def _npy_header(path: str) -> tuple[str, tuple[int, ...]]:
 
 
 def describe_export(export_dir: str) -> list[str]:
+    """Signature, source checkpoint and variables of one export."""
     signature = read_signature(export_dir)
     lines = [f"export: {export_dir}",
              f"from checkpoint: {signature.checkpoint} (global_step {signature.global_step})",
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         lines = describe(args.path)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"inspect: {error}", file=sys.stderr)
         return 2
     print("\n".join(lines))

@@ -23,7 +23,7 @@ from .job import InputFn, Job, ModelFn
 from .loops import train_replica
 from .runtime import Runtime, resolve_runtime
 from .runtime.base import ReplicaContext
-from .signature import DEFAULT_SERVING_BATCH_SIZES
+from .signature import DEFAULT_SERVING_BATCH_SIZES, named_rows
 from .spec import ModeKeys
 from .training_state import ModelInitFn, OptimizerFn, build_module, load_model_weights
 
@@ -78,6 +78,7 @@ def _launch_with_hooks(runtime: Runtime, work: Callable[[], T], hooks: Sequence[
 
 
 def _check_batch_sizes(batch_sizes: Any) -> tuple[int, ...]:
+    """The serving batch sizes, sorted and without repeats."""
     if isinstance(batch_sizes, int) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
         raise TypeError(f"batch_sizes must be a non-empty sequence of ints, got {batch_sizes!r}")
     for size in batch_sizes:
@@ -86,20 +87,25 @@ def _check_batch_sizes(batch_sizes: Any) -> tuple[int, ...]:
 
 
 def _check_assets_extra(assets_extra: Mapping[str, str] | None) -> dict[str, str]:
-    """assets_extra as {relative destination: existing source file}."""
+    """assets_extra as {normalized relative destination: existing source file}."""
     if assets_extra is None:
         return {}
     if not isinstance(assets_extra, Mapping):
         raise TypeError("assets_extra must be a dict of destination path -> source file, got "
                         f"{type(assets_extra).__name__}")
+    checked = {}
     for destination, source in assets_extra.items():
-        parts = os.path.normpath(str(destination)).split(os.sep)
-        if os.path.isabs(str(destination)) or ".." in parts:
-            raise ValueError(f"assets_extra destination {destination!r} must be a relative path "
-                             "inside assets.extra/")
+        normalized = os.path.normpath(str(destination))
+        if os.path.isabs(normalized) or normalized in (".", "") or \
+                normalized.split(os.sep)[0] == "..":
+            raise ValueError(f"assets_extra destination {destination!r} must be a relative file "
+                             "path inside assets.extra/")
+        if normalized in checked:
+            raise ValueError(f"assets_extra names {normalized!r} twice")
         if not os.path.isfile(source):
             raise ValueError(f"assets_extra source {source!r} (for {destination!r}) is not a file")
-    return {str(destination): str(source) for destination, source in assets_extra.items()}
+        checked[normalized] = str(source)
+    return checked
 
 
 def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
@@ -344,17 +350,19 @@ class TPUEstimator:
         from .tf_export import import_tensorflow
         if as_tf_saved_model:
             import_tensorflow()
-        path = self._checkpoint_to_use(checkpoint_path)
         features = serving_input_receiver_fn_or_example_features
-        if callable(features):
-            features = features()
+        inputs, features_is_dict = named_rows(features() if callable(features) else features,
+                                              "example features")
+        if next(iter(inputs.values())).shape[0] == 0:
+            raise ValueError("example features have no rows: give at least one example")
+        path = self._checkpoint_to_use(checkpoint_path)
         params = {**self._params, "batch_size": sizes[-1], "use_tpu": self._use_tpu,
                   "context": ReplicaContext(0, 1, 0, 1, device="cpu", mode=ModeKeys.PREDICT)}
         model = build_module(self._model_init_fn, params, self._config.seed)
         state = checkpoint.load_checkpoint(path)
         load_model_weights(model, state["model"], path)
-        return export_model(self._model_fn, model.eval(), params, features, sizes,
-                            export_dir_base, path, state["global_step"], assets,
+        return export_model(self._model_fn, model.eval(), params, inputs, features_is_dict,
+                            sizes, export_dir_base, path, state["global_step"], assets,
                             as_tf_saved_model)
 
     def latest_checkpoint(self) -> str | None:

@@ -16,6 +16,7 @@ complete, so a failed or killed export never leaves a directory that looks like 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -41,30 +42,18 @@ from .signature import (
     ExportSignature,
     TensorSpec,
     hlo_path,
-    named_rows,
 )
 from .spec import ModeKeys, validate_spec
 
 logger = logging.getLogger("torch_tpu_estimator")
 
-def serving_outputs(model_fn: Callable[..., Any], model: torch.nn.Module, features: Any,
-                    params: dict) -> tuple[dict[str, torch.Tensor], bool]:
-    """model_fn's export outputs in PREDICT mode (`export_outputs`, else `predictions`) as a
-    name -> tensor dict, and whether model_fn gave a dict."""
-    spec = validate_spec(model_fn(model, features, None, ModeKeys.PREDICT, params),
-                         ModeKeys.PREDICT)
-    outputs = spec.export_outputs if spec.export_outputs is not None else spec.predictions
-    is_dict = isinstance(outputs, Mapping)
-    named = dict(outputs) if is_dict else {TENSOR_PREDICTIONS: outputs}
-    for name, value in named.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"model_fn's export output {name!r} must be a tensor, got "
-                            f"{type(value).__name__}")
-    return named, is_dict
-
 
 class _ServingModule(torch.nn.Module):
-    """model_fn in PREDICT mode as a module of positional tensors, which torch.export traces."""
+    """model_fn in PREDICT mode as a module of positional tensors, which torch.export traces.
+
+    Its outputs are the spec's `export_outputs`, else its `predictions`, named as in the dict
+    model_fn gave (or `predictions` for one tensor); `params["batch_size"]` is the traced batch.
+    """
 
     def __init__(self, model_fn: Callable[..., Any], model: torch.nn.Module, params: dict,
                  input_names: Sequence[str], features_is_dict: bool):
@@ -75,12 +64,25 @@ class _ServingModule(torch.nn.Module):
         self._input_names = list(input_names)
         self._features_is_dict = features_is_dict
 
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def named_outputs(self, tensors: Sequence[torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], bool]:
+        """model_fn's outputs by name, and whether model_fn gave a dict."""
         features = dict(zip(self._input_names, tensors, strict=True)) \
             if self._features_is_dict else tensors[0]
         params = {**self._params, "batch_size": tensors[0].shape[0]}
-        outputs, _ = serving_outputs(self._model_fn, self.model, features, params)
-        return tuple(outputs.values())
+        spec = validate_spec(self._model_fn(self.model, features, None, ModeKeys.PREDICT, params),
+                             ModeKeys.PREDICT)
+        outputs = spec.export_outputs if spec.export_outputs is not None else spec.predictions
+        is_dict = isinstance(outputs, Mapping)
+        named = dict(outputs) if is_dict else {TENSOR_PREDICTIONS: outputs}
+        for name, value in named.items():
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                raise TypeError(f"model_fn's export outputs must map str names to tensors, got "
+                                f"{name!r}: {type(value).__name__}")
+        return named, is_dict
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.named_outputs(tensors)[0].values())
 
 
 def _checked_outputs(module: _ServingModule, inputs: dict[str, torch.Tensor]
@@ -91,9 +93,7 @@ def _checked_outputs(module: _ServingModule, inputs: dict[str, torch.Tensor]
                           for name, value in inputs.items())
     try:
         with torch.no_grad():
-            features = inputs if module._features_is_dict else next(iter(inputs.values()))
-            outputs, is_dict = serving_outputs(module._model_fn, module.model, features,
-                                               {**module._params, "batch_size": rows})
+            outputs, is_dict = module.named_outputs(list(inputs.values()))
     except Exception as error:
         raise ValueError(f"model_fn fails in PREDICT mode on the example features ({described}): "
                          f"{type(error).__name__}: {error}") from error
@@ -105,6 +105,24 @@ def _checked_outputs(module: _ServingModule, inputs: dict[str, torch.Tensor]
     return outputs, is_dict
 
 
+def _check_tf_names(names: Sequence[str]) -> None:
+    """TF signatures rename or refuse names that are not identifiers; refuse them here first."""
+    for name in names:
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} cannot name a TF SavedModel input or output (TF would "
+                             "rename or refuse it): use identifiers with as_tf_saved_model=True")
+
+
+def _check_no_bfloat16(model: torch.nn.Module) -> None:
+    """torch_xla 2.9's StableHLO exporter stores weights as NumPy arrays, which have no bfloat16."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.dtype == torch.bfloat16:
+            raise ValueError(
+                f"the model's {name!r} is bfloat16, which torch_xla 2.9's StableHLO export cannot "
+                "store: build the model in float32 for export (model_init_fn; the checkpoint's "
+                "bfloat16 values load into float32 tensors) and cast inside model_fn if needed")
+
+
 def _tiled(inputs: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
     """The example rows repeated to fill `batch_size` rows: tracing inputs of the right shape."""
     tiled = []
@@ -114,7 +132,7 @@ def _tiled(inputs: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tens
     return tuple(tiled)
 
 
-def _lowered(module: _ServingModule, args: tuple[torch.Tensor, ...]
+def _lowered(module: _ServingModule, args: tuple[torch.Tensor, ...], with_weights: bool
              ) -> tuple[stablehlo.StableHLOGraphModule, bytes]:
     """model_fn traced at one batch size, as StableHLO and as the HLO module of the same trace.
 
@@ -128,7 +146,7 @@ def _lowered(module: _ServingModule, args: tuple[torch.Tensor, ...]
     except Exception as error:
         raise ValueError(f"torch.export could not trace model_fn in PREDICT mode at batch size "
                          f"{args[0].shape[0]} (exports need static control flow): "
-                         f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
+                         f"{type(error).__name__}: {str(error).partition(chr(10))[0]}") from error
     hlo = []
     to_stablehlo = xm.get_stablehlo_bytecode
 
@@ -136,17 +154,34 @@ def _lowered(module: _ServingModule, args: tuple[torch.Tensor, ...]
         hlo.append(torch_xla._XLAC._get_xla_tensors_hlo_proto(tensors))
         return to_stablehlo(tensors)
 
-    options = stablehlo.StableHLOExportOptions(override_tracing_arguments=args)
+    options = stablehlo.StableHLOExportOptions(override_tracing_arguments=args,
+                                               export_weights=with_weights)
     with mock.patch.object(xm, "get_stablehlo_bytecode", stablehlo_and_hlo):
         program = stablehlo.exported_program_to_stablehlo(exported, options)
-    (hlo_module,) = hlo
-    return program, hlo_module
+    if len(hlo) != 1:
+        raise RuntimeError("torch_xla's exported_program_to_stablehlo no longer lowers through "
+                           "xm.get_stablehlo_bytecode; export.py must follow it (pinned 2.9.0)")
+    return program, hlo[0]
+
+
+def _check_traced_outputs(program: stablehlo.StableHLOGraphModule, size: int,
+                          outputs: Sequence[TensorSpec]) -> None:
+    """Each traced output has `size` rows and the example run's dtype and row shape: an output
+    that drops or fixes the batch axis would otherwise serve wrong rows without a word."""
+    traced = program._bundle.stablehlo_funcs[0].meta.output_signature
+    for spec, signature in zip(outputs, traced, strict=True):
+        if (signature.shape[:1] != [size] or tuple(signature.shape[1:]) != spec.shape
+                or signature.dtype != spec.dtype):
+            raise ValueError(
+                f"model_fn's export output {spec.name!r} traced at batch size {size} is "
+                f"{signature.dtype}{signature.shape}, not {spec.describe()} with batch {size}: "
+                "every output must keep the batch as its first axis")
 
 
 def _one_bundle(programs: dict[int, stablehlo.StableHLOGraphModule]
                 ) -> stablehlo.StableHLOGraphModule:
-    """The per-batch-size programs as one StableHLO bundle: one copy of the weights, one
-    function per batch size, named by ExportSignature.function_name."""
+    """The per-batch-size programs as one StableHLO bundle: the weights of the first (the only
+    one that exported them), one function per batch size, named by ExportSignature."""
     merged = None
     for size, program in sorted(programs.items()):
         bundle = program._bundle
@@ -165,6 +200,7 @@ def _one_bundle(programs: dict[int, stablehlo.StableHLOGraphModule]
 
 
 def _copy_assets(directory: str, assets_extra: Mapping[str, str]) -> None:
+    """Copies each source file to its path under assets.extra/."""
     for name, source in assets_extra.items():
         destination = os.path.join(directory, ASSETS_EXTRA_DIR, name)
         os.makedirs(os.path.dirname(destination), exist_ok=True)
@@ -178,18 +214,27 @@ def _fsync_tree(directory: str) -> None:
 
 
 def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
-    """Runs write(temporary_dir), then renames it to the first free `<unix seconds>` name."""
+    """Runs write(temporary_dir), then renames it to a new `<unix seconds>` name, later than
+    every export already there (so the newest is the largest even if the clock went back)."""
     created_base = not os.path.exists(export_dir_base)
     os.makedirs(export_dir_base, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=".tmp-export-", dir=export_dir_base)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from a server user
         write(temporary)
         _fsync_tree(temporary)
-        stamp = int(time.time())
-        while os.path.exists(os.path.join(export_dir_base, str(stamp))):
-            stamp += 1
-        final = os.path.join(export_dir_base, str(stamp))
-        os.rename(temporary, final)
+        while True:
+            stamps = [int(name) for name in os.listdir(export_dir_base) if name.isdigit()]
+            final = os.path.join(export_dir_base, str(max([int(time.time()), *[
+                stamp + 1 for stamp in stamps]])))
+            try:
+                os.rename(temporary, final)
+                break
+            except OSError as error:  # another export took the name first
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         if created_base and not os.listdir(export_dir_base):
@@ -203,7 +248,8 @@ def export_model(
     model_fn: Callable[..., Any],
     model: torch.nn.Module,
     params: dict,
-    example_features: Any,
+    inputs: dict[str, torch.Tensor],
+    features_is_dict: bool,
     batch_sizes: Sequence[int],
     export_dir_base: str,
     checkpoint_path: str,
@@ -211,18 +257,25 @@ def export_model(
     assets_extra: Mapping[str, str],
     as_tf_saved_model: bool,
 ) -> str:
-    """Traces, lowers and writes one export of `model` (already restored, in eval mode)."""
-    inputs, features_is_dict = named_rows(example_features, "example features")
+    """Traces, lowers and writes one export of `model` (restored, in eval mode) for example
+    features `inputs` (signature.named_rows's form)."""
+    _check_no_bfloat16(model)
     module = _ServingModule(model_fn, model, params, list(inputs), features_is_dict).eval()
     outputs, predictions_is_dict = _checked_outputs(module, inputs)
+    output_specs = tuple(TensorSpec.of_rows(name, value) for name, value in outputs.items())
+    if as_tf_saved_model:
+        _check_tf_names([*inputs, *outputs])
     started = time.time()
-    lowered = {size: _lowered(module, _tiled(inputs, size)) for size in batch_sizes}
+    lowered = {}
+    for size in batch_sizes:
+        lowered[size] = _lowered(module, _tiled(inputs, size), with_weights=not lowered)
+        _check_traced_outputs(lowered[size][0], size, output_specs)
     program = _one_bundle({size: programs[0] for size, programs in lowered.items()})
     logger.info("Lowered model_fn to StableHLO at batch sizes %s in %.1f s", list(batch_sizes),
                 time.time() - started)
     signature = ExportSignature(
         inputs=tuple(TensorSpec.of_rows(name, value) for name, value in inputs.items()),
-        outputs=tuple(TensorSpec.of_rows(name, value) for name, value in outputs.items()),
+        outputs=output_specs,
         features_is_dict=features_is_dict,
         predictions_is_dict=predictions_is_dict,
         batch_sizes=tuple(batch_sizes),

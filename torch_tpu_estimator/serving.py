@@ -21,6 +21,7 @@ from torch_xla import stablehlo
 from .signature import (
     STABLEHLO_DIR,
     ExportSignature,
+    dtype_name,
     hlo_path,
     named_rows,
     newest_export,
@@ -62,7 +63,7 @@ class ExportedModel:
             if value.dtype != spec.torch_dtype or tuple(value.shape[1:]) != spec.shape:
                 raise ValueError(
                     f"features {name!r} must be {spec.describe()}, got "
-                    f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}")
+                    f"{dtype_name(value.dtype)}{list(value.shape)}")
         return [named[spec.name] for spec in self.signature.inputs]
 
     def _batch_size_for(self, rows: int) -> int:

@@ -27,6 +27,11 @@ TENSOR_FEATURES = "features"  # the input's name when model_fn takes one tensor,
 TENSOR_PREDICTIONS = "predictions"  # the output's name when model_fn predicts one tensor
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as signature.json spells it: `float32`, `int64`, `bool`."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """One input or output: its name, dtype (a torch dtype name) and shape of one example."""
@@ -38,7 +43,7 @@ class TensorSpec:
     @classmethod
     def of_rows(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
         """The spec of a batched tensor's rows."""
-        return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape[1:]))
+        return cls(name, dtype_name(tensor.dtype), tuple(tensor.shape[1:]))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -134,6 +139,7 @@ def read_signature(export_dir: str) -> ExportSignature:
 
 
 def is_export_dir(path: str) -> bool:
+    """Whether `path` is one export (it has a signature file)."""
     return os.path.isfile(os.path.join(path, SIGNATURE_NAME))
 
 

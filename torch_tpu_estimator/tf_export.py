@@ -1,8 +1,8 @@
 """The TF SavedModel variant of an export, for TF Serving and anything else that loads one.
 
 Its `serving_default` signature takes named inputs with any number of rows and returns named
-outputs. Inside, as in load_exported, the rows are padded to the smallest traced batch size that
-holds them (or split into chunks of the largest), run through the StableHLO functions by
+outputs. Inside the graph the rows are padded to the smallest traced batch size that holds them,
+or to a multiple of the largest (then run chunk by chunk), run through the StableHLO functions by
 XlaCallModule, and the padding is stripped. tensorflow-cpu is the optional `tf` extra.
 """
 
