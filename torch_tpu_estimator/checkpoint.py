@@ -3,16 +3,21 @@
 A checkpoint is `model.ckpt-<global_step>.pt`, a `torch.save` of plain tensors and Python values,
 written to a temporary name, flushed to disk, then renamed, so a crash never leaves a half file
 under a checkpoint's name. `checkpoint.json` lists the kept checkpoints, newest last; it is
-rewritten the same way, after the checkpoint it names is complete.
+rewritten the same way, after the checkpoint it names is complete, with each checkpoint's
+SHA-256: a checkpoint damaged later (truncated by a full disk, changed by hand) is reported by
+name and skipped for the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -63,21 +68,54 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     fsync_path(directory)
 
 
-def _read_index(model_dir: str) -> list[str]:
+def _read_index(model_dir: str) -> dict[str, str | None]:
+    """The kept checkpoints, oldest first, each with the SHA-256 recorded when it was written
+    (None in an index written before digests were recorded)."""
     try:
         with open(os.path.join(model_dir, INDEX_NAME)) as handle:
-            names = json.load(handle)["checkpoints"]
+            index = json.load(handle)
+        names, digests = index["checkpoints"], index.get("sha256", {})
     except FileNotFoundError:
-        return []
-    except (ValueError, KeyError, TypeError) as error:
+        return {}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         index = os.path.join(model_dir, INDEX_NAME)
         raise ValueError(f"{index} is not a checkpoint index: {error}") from error
-    return [name for name in names if os.path.exists(os.path.join(model_dir, name))]
+    return {name: digests.get(name) for name in names
+            if os.path.exists(os.path.join(model_dir, name))}
 
 
-def _write_index(model_dir: str, names: list[str]) -> None:
-    text = json.dumps({"latest": names[-1] if names else None, "checkpoints": names}, indent=1)
+def _write_index(model_dir: str, index: dict[str, str | None]) -> None:
+    names = list(index)
+    text = json.dumps({"latest": names[-1] if names else None, "checkpoints": names,
+                       "sha256": index}, indent=1)
     atomic_write(os.path.join(model_dir, INDEX_NAME), lambda handle: handle.write(text.encode()))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files whose digest matched
+
+
+def damage(path: str, digest: str | None) -> str | None:
+    """Why the checkpoint file at `path` cannot be trusted, or None when it is whole: its
+    SHA-256 differs from the one recorded when it was written, or (with no record) it is not
+    a complete torch.save archive."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return None
+    if digest is not None and _sha256(path) != digest:
+        return "its SHA-256 differs from the one recorded when it was written"
+    if digest is None and not zipfile.is_zipfile(path):
+        return "it is not a complete torch.save archive"
+    _VERIFIED.add(key)
+    return None
 
 
 def all_checkpoints(model_dir: str | None) -> list[str]:
@@ -88,20 +126,44 @@ def all_checkpoints(model_dir: str | None) -> list[str]:
 
 
 def latest_checkpoint(model_dir: str | None) -> str | None:
-    """Path of the newest checkpoint in model_dir, or None."""
-    paths = all_checkpoints(model_dir)
-    return paths[-1] if paths else None
+    """Path of the newest intact checkpoint in model_dir, or None.
+
+    A damaged newer one (truncated, or changed since it was written) is reported by name and
+    skipped, never deleted: a run resumes from the previous good checkpoint.
+    """
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    for name, digest in reversed(_read_index(model_dir).items()):
+        path = os.path.join(model_dir, name)
+        problem = damage(path, digest)
+        if problem is None:
+            return path
+        logger.warning("Checkpoint %s is damaged (%s): it is skipped and left in place; the "
+                       "previous checkpoint is used", path, problem)
+    return None
+
+
+def _remove_stale_temporaries(model_dir: str) -> None:
+    """Half-written files of a writer that was killed (the chief is the only writer)."""
+    for name in os.listdir(model_dir):
+        if name.startswith(_TEMP_PREFIX):
+            os.remove(os.path.join(model_dir, name))
+            logger.info("Removed %s, left by an interrupted checkpoint write", name)
 
 
 def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None) -> str:
     """Writes `state` as the checkpoint of state["global_step"] and keeps the newest ones."""
     os.makedirs(model_dir, exist_ok=True)
+    _remove_stale_temporaries(model_dir)
     name = checkpoint_name(state["global_step"])
     path = os.path.join(model_dir, name)
     atomic_write(path, lambda handle: torch.save(state, handle))
-    names = [existing for existing in _read_index(model_dir) if existing != name] + [name]
+    index = {existing: digest for existing, digest in _read_index(model_dir).items()
+             if existing != name}
+    index[name] = _sha256(path)
+    names = list(index)
     kept = names[-keep_checkpoint_max:] if keep_checkpoint_max else names
-    _write_index(model_dir, kept)
+    _write_index(model_dir, {kept_name: index[kept_name] for kept_name in kept})
     for old in names[: len(names) - len(kept)]:
         os.remove(os.path.join(model_dir, old))
     logger.info("Saved checkpoint for step %d into %s", state["global_step"], path)
@@ -112,7 +174,11 @@ def load_checkpoint(path: str) -> dict:
     """Reads a checkpoint into CPU memory."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise ValueError(f"checkpoint {path!r} cannot be read, it is truncated or corrupt: "
+                         f"{error}") from error
 
 
 def resolve_checkpoint_path(path: str) -> str:
