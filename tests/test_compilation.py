@@ -5,7 +5,14 @@ Runs in a fresh interpreter so no other test's compiled graphs are in the cache.
 
 from __future__ import annotations
 
-from helpers import run_fresh
+import logging
+import re
+
+import pytest
+import torch
+from helpers import adam_with_schedule, checkpoint_weights, make_data, make_estimator, model_fn, run_fresh
+
+from torch_tpu_estimator import ModeKeys, RecompilationError
 
 SCRIPT = r"""
 import json, sys
@@ -73,3 +80,56 @@ print(json.dumps(counts))
 def test_eval_and_predict_compile_one_graph_whatever_the_data_set_size(tmp_path):
     counts = run_fresh(EVAL_SCRIPT, tmp_path)
     assert counts == {"eval": [1, 0, 0, 0, 0], "predict": [1, 0, 0, 0, 0]}
+
+
+def _changes_graph_at_call(call: int):
+    """helpers.model_fn, except that from its `call`-th call on it traces one more op: the kind
+    of silent recompilation (a Python value baked into the graph) the guard is there to catch."""
+    calls = [0]
+
+    def fn(model, features, labels, mode, params):
+        calls[0] += 1
+        spec = model_fn(model, features, labels, mode, params)
+        if calls[0] >= call and spec.loss is not None:
+            spec.loss = spec.loss * 1.5
+        return spec
+    return fn
+
+
+def test_recompilation_guard_names_the_mode_and_leaves_model_dir_as_it_was(tmp_path):
+    estimator = make_estimator(tmp_path, fn=_changes_graph_at_call(3), iterations_per_loop=4,
+                               save_checkpoints_steps=None, save_summary_steps=None,
+                               max_graphs={ModeKeys.TRAIN: 1})
+    with pytest.raises(RecompilationError, match=r"mode 'train' traced a step graph unlike the 1 "
+                                                 r"allowed by TPUConfig\.max_graphs_per_mode"):
+        estimator.train(lambda params: make_data(64), steps=8)
+    assert estimator.latest_checkpoint() is None
+
+
+def test_eval_recompilation_is_caught_too(tmp_path):
+    make_estimator(tmp_path).train(lambda params: make_data(32), steps=2)
+    estimator = make_estimator(tmp_path, fn=_changes_graph_at_call(2),
+                               max_graphs={ModeKeys.EVAL: 1})
+    with pytest.raises(RecompilationError, match="mode 'eval'"):
+        estimator.evaluate(lambda params: make_data(32))
+
+
+def test_guarded_runs_train_evaluate_and_predict_as_unguarded_ones(tmp_path, caplog):
+    limits = {ModeKeys.TRAIN: 2, ModeKeys.EVAL: 1, ModeKeys.PREDICT: 1}  # Adam: 2 train graphs
+    results = []
+    for name, max_graphs in (("plain", None), ("guarded", limits)):
+        estimator = make_estimator(tmp_path / name, optimizer_fn=adam_with_schedule,
+                                   max_graphs=max_graphs)
+        with caplog.at_level(logging.INFO, logger="torch_tpu_estimator"):
+            estimator.train(lambda params: make_data(64), steps=10)
+            metrics = estimator.evaluate(lambda params: make_data(21))
+            predictions = list(estimator.predict(lambda params: make_data(11)))
+        results.append((checkpoint_weights(estimator), metrics, predictions))
+    (plain_weights, plain_metrics, plain_predictions), (weights, metrics, predictions) = results
+    assert all((weights[name] == value).all() for name, value in plain_weights.items())
+    assert metrics == plain_metrics
+    assert all(torch.equal(a["logits"], b["logits"]) for a, b in zip(
+        predictions, plain_predictions, strict=True))
+    for mode in ("train", "eval", "infer"):
+        assert re.search(rf"{mode} on XLA: \d+ compilation\(s\) in [\d.]+ s, \d+ execution\(s\), "
+                         r"\d+ device-to-host transfer\(s\)", caplog.text), mode

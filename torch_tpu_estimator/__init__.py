@@ -12,7 +12,7 @@ from .hooks import (
     StopAtStepHook,
     Window,
 )
-from .runtime.base import ReplicaContext
+from .runtime.base import RecompilationError, ReplicaContext
 from .schedule import EarlyStopping, EvalHook, KeepBestCheckpoint, train_and_evaluate
 from .spec import EstimatorSpec, ModeKeys, TPUEstimatorSpec
 
@@ -30,6 +30,7 @@ __all__ = [
     "ModeKeys",
     "NanLossDuringTrainingError",
     "NanLossGuard",
+    "RecompilationError",
     "ReplicaContext",
     "RunConfig",
     "RunContext",

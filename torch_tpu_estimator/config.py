@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
+
+from .spec import ModeKeys
 
 STRATEGIES = ("mp", "spmd")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
@@ -76,12 +79,18 @@ class TPUConfig:
       predict always read per-host input.
     strategy: XLA only. "mp" runs one process per device (xmp.spawn); "spmd" runs one process
       over a mesh of every local device (GSPMD), where model_fn sees the global batch.
+    max_graphs_per_mode: XLA only. {mode: n} allows at most n different traced step graphs in
+      that mode (ModeKeys.TRAIN "train", EVAL "eval", PREDICT "infer") per call of train,
+      evaluate or predict; one more is a RecompilationError naming the mode, raised as the
+      graph is traced (torch_xla.compile's max_different_graphs). Training with Adam-like
+      optimizers traces 2 (the first step creates their state); eval and predict trace 1.
     """
 
     iterations_per_loop: int | str = 2
     num_shards: int | None = None
     per_host_input_for_training: bool = True
     strategy: str = "mp"
+    max_graphs_per_mode: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         parse_iterations_per_loop(self.iterations_per_loop)
@@ -95,6 +104,17 @@ class TPUConfig:
             self.strategy in STRATEGIES,
             f"strategy must be one of {STRATEGIES}, got {self.strategy!r}",
         )
+        limits = self.max_graphs_per_mode
+        _require(limits is None or isinstance(limits, Mapping),
+                 f"max_graphs_per_mode must be a dict of mode -> int, got {limits!r}")
+        for mode, limit in (limits or {}).items():
+            _require(mode in ModeKeys.ALL,
+                     f"max_graphs_per_mode has the key {mode!r}; modes are {ModeKeys.ALL}")
+            _positive_int_or_none(f"max_graphs_per_mode[{mode!r}]", limit)
+
+    def max_graphs(self, mode: str) -> int | None:
+        """The most different step graphs `mode` may trace, or None for no limit."""
+        return (self.max_graphs_per_mode or {}).get(mode)
 
     @property
     def window_steps(self) -> int | None:

@@ -16,7 +16,7 @@ import torch
 from .gather import real_examples
 from .hooks import Hook, RunContext, Window
 from .job import InputFn, Job
-from .loops import open_windows
+from .loops import log_device_report, open_windows
 from .metrics import Metric
 from .runtime.base import Runtime
 from .spec import ModeKeys, call_with_tensors, validate_spec
@@ -66,7 +66,9 @@ def _merge_metrics(total: dict[str, Metric] | None, new: Any) -> dict[str, Metri
 def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int | None,
                      hooks: Sequence[Hook], checkpoint_path: str, name: str | None) -> dict:
     """Evaluates a checkpoint over the whole input (or `steps` batches); returns the metrics."""
+    counters = runtime.device_counters()
     state, params, global_step = _restored_model(job, runtime, ModeKeys.EVAL, checkpoint_path)
+    run_step = runtime.step_runner(ModeKeys.EVAL, job.config.tpu_config.max_graphs(ModeKeys.EVAL))
     windows = open_windows(job, runtime, ModeKeys.EVAL, input_fn)
     context = RunContext(ModeKeys.EVAL, global_step, runtime.is_chief, job.model_dir)
     for hook in hooks:
@@ -77,13 +79,12 @@ def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int |
             outputs, num_reals = [], []
             with torch.no_grad():
                 for batch in windows.window(float("inf") if steps is None else steps - done):
-                    spec = validate_spec(
+                    spec = run_step(lambda batch=batch: validate_spec(
                         job.model_fn(state.model, batch.features, batch.labels, ModeKeys.EVAL,
-                                     params), ModeKeys.EVAL)
+                                     params), ModeKeys.EVAL))
                     metric_fn, tensors = spec.eval_metrics or (None, [])
                     outputs.append((_loss_rows(spec.loss.detach(), params["batch_size"]), tensors))
                     num_reals.append(batch.num_real)
-                    runtime.step_boundary()
             done += len(outputs)
             window = _gathered_window(runtime, outputs, num_reals)
             if window is None:
@@ -109,6 +110,7 @@ def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int |
                 ", ".join(f"{key} = {value:.6g}" for key, value in sorted(results.items())))
     for hook in hooks:
         hook.end(context)
+    log_device_report(runtime, ModeKeys.EVAL, counters)
     return results
 
 
@@ -136,7 +138,10 @@ def predict_replica(job: Job, runtime: Runtime, input_fn: InputFn,
                     predict_keys: Sequence[str] | None, hooks: Sequence[Hook],
                     checkpoint_path: str, yield_single_examples: bool) -> Iterator[Any]:
     """Yields predictions in input order, padding removed, per example or per batch."""
+    counters = runtime.device_counters()
     state, params, global_step = _restored_model(job, runtime, ModeKeys.PREDICT, checkpoint_path)
+    run_step = runtime.step_runner(ModeKeys.PREDICT,
+                                   job.config.tpu_config.max_graphs(ModeKeys.PREDICT))
     windows = open_windows(job, runtime, ModeKeys.PREDICT, input_fn)
     context = RunContext(ModeKeys.PREDICT, global_step, runtime.is_chief, job.model_dir)
     for hook in hooks:
@@ -146,12 +151,11 @@ def predict_replica(job: Job, runtime: Runtime, input_fn: InputFn,
             outputs, num_reals = [], []
             with torch.no_grad():
                 for batch in windows.window():
-                    spec = validate_spec(
+                    spec = run_step(lambda batch=batch: validate_spec(
                         job.model_fn(state.model, batch.features, batch.labels,
-                                     ModeKeys.PREDICT, params), ModeKeys.PREDICT)
+                                     ModeKeys.PREDICT, params), ModeKeys.PREDICT))
                     outputs.append(_select(spec.predictions, predict_keys))
                     num_reals.append(batch.num_real)
-                    runtime.step_boundary()
             window = _gathered_window(runtime, outputs, num_reals)
             if window is None:
                 continue
@@ -163,6 +167,7 @@ def predict_replica(job: Job, runtime: Runtime, input_fn: InputFn,
         windows.batches.close()
     for hook in hooks:
         hook.end(context)
+    log_device_report(runtime, ModeKeys.PREDICT, counters)
 
 
 def _global_reals(runtime: Runtime, num_reals: list[int]) -> list[int]:

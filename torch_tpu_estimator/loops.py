@@ -105,6 +105,7 @@ class WindowedBatches:
 
 def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBatch,
                 params: dict) -> tuple[torch.Tensor, Any]:
+    """One optimizer step on one batch; returns the detached loss and the spec's host_call."""
     state.optimizer.zero_grad(set_to_none=True)
     spec = validate_spec(
         job.model_fn(state.model, batch.features, batch.labels, ModeKeys.TRAIN, params),
@@ -114,8 +115,19 @@ def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBat
     runtime.optimizer_step(state.optimizer)
     if state.scheduler is not None:
         state.scheduler.step()
-    runtime.step_boundary()
     return spec.loss.detach(), spec.host_call
+
+
+def log_device_report(runtime: Runtime, mode: str, before: dict[str, float]) -> None:
+    """Logs what the call cost the device: compilations (and their time), executions and
+    device-to-host transfers, counted since `before` (runtime.device_counters())."""
+    after = runtime.device_counters()
+    if not after:
+        return
+    spent = {key: after[key] - before.get(key, 0) for key in after}
+    logger.info("%s on XLA: %d compilation(s) in %.2f s, %d execution(s), %d device-to-host "
+                "transfer(s)", mode, spent["compilations"], spent["compile_seconds"],
+                spent["executions"], spent["transfers_to_host"])
 
 
 def _run_host_call(runtime: Runtime, fn: Callable[..., Any], per_step: list[Any],
@@ -170,6 +182,7 @@ def train_replica(
     saving_listeners: Sequence[CheckpointSaverListener],
 ) -> int:
     """Trains on this replica until the target step, a hook's stop, or the input's end."""
+    counters = runtime.device_counters()
     model_params = job.model_params(runtime, ModeKeys.TRAIN)
     state = TrainingState.build(runtime, job.model_init_fn, job.optimizer_fn, model_params,
                                 job.config.seed)
@@ -207,12 +220,15 @@ def train_replica(
         hook.end(context)
     for listener in saving_listeners:
         listener.end(state.global_step)
+    log_device_report(runtime, ModeKeys.TRAIN, counters)
     return state.global_step
 
 
 def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: WindowedBatches,
                  model_params: dict, target: int | None, hooks: Sequence[Hook],
                  context: RunContext, saver: _CheckpointSaver) -> None:
+    run_step = runtime.step_runner(ModeKeys.TRAIN,
+                                   job.config.tpu_config.max_graphs(ModeKeys.TRAIN))
     while True:
         losses: list[torch.Tensor] = []
         learning_rates: list[float] = []
@@ -221,7 +237,8 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: Wind
         steps_left = _steps_to_next_stop(state.global_step, target, hooks)
         for batch in windows.window(steps_left):
             learning_rates.append(state.learning_rate())
-            loss, host_call = _train_step(job, runtime, state, batch, model_params)
+            loss, host_call = run_step(
+                lambda batch=batch: _train_step(job, runtime, state, batch, model_params))
             losses.append(loss)
             if host_call is not None:
                 host_call_fn, tensors = host_call

@@ -19,6 +19,10 @@ import torch
 T = TypeVar("T")
 
 
+class RecompilationError(RuntimeError):
+    """A mode traced more different step graphs than TPUConfig.max_graphs_per_mode allows."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplicaContext:
     """What `params["context"]` tells input_fn and model_fn about where they run.
@@ -117,6 +121,20 @@ class Runtime(abc.ABC):
 
     def step_boundary(self) -> None:
         """Ends one step: cuts the traced graph where a backend traces one."""
+
+    def step_runner(self, mode: str, max_graphs: int | None) -> Callable[[Callable[[], T]], T]:
+        """A function that runs one step's body, then ends the step. XLA runtimes also hold
+        `mode` to at most `max_graphs` different traced graphs (None: no limit)."""
+        def run(body: Callable[[], T]) -> T:
+            result = body()
+            self.step_boundary()
+            return result
+        return run
+
+    def device_counters(self) -> dict[str, float]:
+        """Cumulative compile and transfer counts of this process, for the end-of-run report;
+        empty where nothing is compiled."""
+        return {}
 
     @abc.abstractmethod
     def to_host(self, tree: Any) -> Any:

@@ -6,18 +6,26 @@ replicas are launched, how input is laid over devices and how gradients are comb
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
 import torch_xla.runtime as xr
 
-from .base import Runtime
+from .base import RecompilationError, Runtime
+
+T = TypeVar("T")
+
+
+def _call(body: Callable[[], T]) -> T:
+    return body()
 
 
 def local_device_count() -> int:
@@ -73,8 +81,8 @@ class XlaRuntime(Runtime):
         return torch_xla.device()
 
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
-        # Steps are cut by step_boundary alone: every mark_step advances the XLA RNG seed, so
-        # exactly one per step keeps dropout identical however windows and resumes fall.
+        # Steps are cut by the step runner alone: every mark_step advances the XLA RNG seed, so
+        # a fixed number per step keeps dropout identical however windows and resumes fall.
         loader = pl.MpDeviceLoader(_capture_failures(host_batches), self.device,
                                    batches_per_execution=sys.maxsize,
                                    input_sharding=self.input_sharding())
@@ -89,6 +97,35 @@ class XlaRuntime(Runtime):
 
     def step_boundary(self) -> None:
         torch_xla.sync()
+
+    def step_runner(self, mode: str, max_graphs: int | None) -> Callable[[Callable[[], T]], T]:
+        if max_graphs is None:
+            return super().step_runner(mode, max_graphs)
+        # A new (tiny) function per run: torch_xla.compile keys its graph count by the function,
+        # so each call of train/evaluate/predict counts afresh. It syncs before and after.
+        guarded = torch_xla.compile(functools.partial(_call), name=f"torch_tpu_estimator_{mode}",
+                                    max_different_graphs=max_graphs)
+
+        def run(body: Callable[[], T]) -> T:
+            try:
+                return guarded(body)
+            except RuntimeError as error:
+                if "Maximum number of different graphs" not in str(error):
+                    raise
+                raise RecompilationError(
+                    f"mode {mode!r} traced a step graph unlike the {max_graphs} allowed by "
+                    f"TPUConfig.max_graphs_per_mode[{mode!r}]; each new graph is an XLA "
+                    "compilation. Usual causes: input shapes that change between steps, a Python "
+                    "number that changes every step used in tensor math (pass it as a tensor), "
+                    "control flow on tensor values. torch_xla: "
+                    + " ".join(str(error).split("\n")[:2])) from None
+        return run
+
+    def device_counters(self) -> dict[str, float]:
+        compiles = met.metric_data("CompileTime") or (0, 0.0)
+        return {"compilations": compiles[0], "compile_seconds": compiles[1] / 1e9,
+                "executions": (met.metric_data("ExecuteTime") or (0,))[0],
+                "transfers_to_host": (met.metric_data("TransferFromDeviceTime") or (0,))[0]}
 
     def to_host(self, tree: Any) -> Any:
         return xm._maybe_convert_to_cpu(tree)
