@@ -29,7 +29,7 @@ lint: setup
 	$(VENV)/bin/ruff check torch_tpu_estimator tests examples benchmarks
 
 bench: setup
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/estimator_vs_hand_loop.py
 
 clean:
 	rm -rf runs exports .pytest_cache
