@@ -139,9 +139,11 @@ def trained_model_dir(tmp_path_factory):
 
 
 def _contents(directory) -> dict[str, str]:
-    """Every file under `directory` and the SHA-256 of its bytes."""
+    """Every file under `directory` with the SHA-256 of its bytes, and every directory."""
     contents = {}
-    for root, _, names in os.walk(directory):
+    for root, directories, names in os.walk(directory):
+        for name in directories:
+            contents[os.path.relpath(os.path.join(root, name), directory)] = "directory"
         for name in names:
             path = os.path.join(root, name)
             contents[os.path.relpath(path, directory)] = hashlib.sha256(

@@ -3,6 +3,7 @@ uninterrupted run ends, and a damaged checkpoint is reported and skipped, never 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from helpers import make_data, make_estimator
 # "mid-write" (half way through writing the second checkpoint), "after-save" (just after the
 # second checkpoint is complete), or "never".
 TRAIN = """
-import os, signal, sys, torch
+import json, os, signal, sys, torch
 from helpers import adam_with_schedule, make_data, make_estimator, model_fn
 from torch_tpu_estimator import CheckpointSaverListener
 model_dir, kill_at = sys.argv[1], sys.argv[2]
@@ -54,7 +55,7 @@ estimator = make_estimator(model_dir, fn=counting_model_fn, optimizer_fn=adam_wi
                            dropout=0.3, iterations_per_loop=3, save_checkpoints_steps=3,
                            keep_checkpoint_max=None)
 estimator.train(lambda params: make_data(60), max_steps=17, saving_listeners=[KillAfterSave()])
-print("done")
+print(json.dumps({"steps_run": steps[0]}))
 """
 
 
@@ -77,6 +78,12 @@ def uninterrupted(tmp_path_factory):
     return _final_state(model_dir)
 
 
+# Windows end at steps 3, 6, 9, ..., each saving a checkpoint. What the restart must replay:
+# killed in step 8 -> from step 6; while writing step 6's checkpoint -> from step 3; just after
+# writing it -> from step 6.
+STEPS_REPLAYED = {"mid-window": 11, "mid-write": 14, "after-save": 11}
+
+
 @pytest.mark.parametrize("kill_at", ["mid-window", "mid-write", "after-save"])
 def test_sigkilled_training_restarted_ends_bit_for_bit_like_an_uninterrupted_run(
         tmp_path, uninterrupted, kill_at):
@@ -87,6 +94,7 @@ def test_sigkilled_training_restarted_ends_bit_for_bit_like_an_uninterrupted_run
     restarted = _train(tmp_path, "never")
 
     assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert json.loads(restarted.stdout.splitlines()[-1]) == {"steps_run": STEPS_REPLAYED[kill_at]}
     resumed = _final_state(tmp_path)
     assert resumed["global_step"] == uninterrupted["global_step"] == 17
     for name, value in uninterrupted["model"].items():
@@ -131,13 +139,26 @@ def test_a_damaged_latest_checkpoint_is_named_skipped_and_kept(tmp_path, caplog,
     estimator.train(lambda params: data, max_steps=12)  # resumes from step 4
     for name in reference.get_variable_names():
         assert (estimator.get_variable_value(name) == reference.get_variable_value(name)).all()
+    # the new checkpoint of step 8 did not overwrite the damaged one: it was moved aside
+    assert (tmp_path / "damaged" / "model.ckpt-8.pt.damaged").read_bytes() == damaged_bytes
+
+
+def test_when_every_checkpoint_is_damaged_training_refuses_to_start_afresh(tmp_path):
+    estimator = make_estimator(tmp_path, save_checkpoints_steps=4, keep_checkpoint_max=1)
+    estimator.train(lambda params: make_data(32), max_steps=4)
+    _damage(tmp_path / "model.ckpt-4.pt", "flipped-byte")
+    damaged_bytes = (tmp_path / "model.ckpt-4.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"every checkpoint listed in .*checkpoint\.json is "
+                                         r"damaged \(model\.ckpt-4\.pt\): nothing to resume from"):
+        estimator.train(lambda params: make_data(32), max_steps=8)
+    assert (tmp_path / "model.ckpt-4.pt").read_bytes() == damaged_bytes
 
 
 def test_an_unreadable_checkpoint_given_by_path_is_a_clear_error(tmp_path):
     estimator = make_estimator(tmp_path, save_checkpoints_steps=4)
     estimator.train(lambda params: make_data(32), max_steps=4)
     _damage(tmp_path / "model.ckpt-4.pt", "truncated")
-    with pytest.raises(ValueError, match=r"checkpoint '.*model\.ckpt-4\.pt' cannot be read, it "
-                                         r"is truncated or corrupt"):
+    with pytest.raises(ValueError, match=r"checkpoint '.*model\.ckpt-4\.pt' cannot be read "
+                                         r"\(truncated, corrupt or not readable\)"):
         estimator.evaluate(lambda params: make_data(8), checkpoint_path=str(
             tmp_path / "model.ckpt-4.pt"))

@@ -5,7 +5,8 @@ written to a temporary name, flushed to disk, then renamed, so a crash never lea
 under a checkpoint's name. `checkpoint.json` lists the kept checkpoints, newest last; it is
 rewritten the same way, after the checkpoint it names is complete, with each checkpoint's
 SHA-256: a checkpoint damaged later (truncated by a full disk, changed by hand) is reported by
-name and skipped for the previous one.
+name and skipped for the previous one, and the next save moves it aside as `<name>.damaged`
+(never deleted, never overwritten).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ logger = logging.getLogger("torch_tpu_estimator")
 
 INDEX_NAME = "checkpoint.json"
 _CHECKPOINT_NAME = re.compile(r"^model\.ckpt-(\d+)\.pt$")
-_TEMP_PREFIX = ".tmp-"
+_TEMP_PREFIX = ".tmp-checkpoint-"
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -71,16 +72,17 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
 def _read_index(model_dir: str) -> dict[str, str | None]:
     """The kept checkpoints, oldest first, each with the SHA-256 recorded when it was written
     (None in an index written before digests were recorded)."""
+    index_path = os.path.join(model_dir, INDEX_NAME)
     try:
-        with open(os.path.join(model_dir, INDEX_NAME)) as handle:
+        with open(index_path) as handle:
             index = json.load(handle)
-        names, digests = index["checkpoints"], index.get("sha256", {})
+        digests = index.get("sha256", {})
+        entries = {name: digests.get(name) for name in index["checkpoints"]}
     except FileNotFoundError:
         return {}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        index = os.path.join(model_dir, INDEX_NAME)
-        raise ValueError(f"{index} is not a checkpoint index: {error}") from error
-    return {name: digests.get(name) for name in names
+        raise ValueError(f"{index_path} is not a checkpoint index: {error}") from error
+    return {name: digest for name, digest in entries.items()
             if os.path.exists(os.path.join(model_dir, name))}
 
 
@@ -99,15 +101,19 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files whose digest matched
+# Files whose digest matched, by identity and change time: hashed once per process.
+_VERIFIED: set[tuple] = set()
 
 
 def damage(path: str, digest: str | None) -> str | None:
-    """Why the checkpoint file at `path` cannot be trusted, or None when it is whole: its
-    SHA-256 differs from the one recorded when it was written, or (with no record) it is not
-    a complete torch.save archive."""
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns)
+    """Why the checkpoint file at `path` cannot be trusted, or None when it is whole: it is
+    gone, its SHA-256 differs from the one recorded when it was written, or (with no record)
+    it is not a complete torch.save archive."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:  # removed by retention since the index was read
+        return "it no longer exists"
+    key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, digest)
     if key in _VERIFIED:
         return None
     if digest is not None and _sha256(path) != digest:
@@ -118,48 +124,64 @@ def damage(path: str, digest: str | None) -> str | None:
     return None
 
 
-def all_checkpoints(model_dir: str | None) -> list[str]:
-    """Paths of the kept checkpoints, oldest first."""
-    if not model_dir or not os.path.isdir(model_dir):
-        return []
-    return [os.path.join(model_dir, name) for name in _read_index(model_dir)]
-
-
 def latest_checkpoint(model_dir: str | None) -> str | None:
-    """Path of the newest intact checkpoint in model_dir, or None.
+    """Path of the newest intact checkpoint in model_dir, or None when it has none.
 
     A damaged newer one (truncated, or changed since it was written) is reported by name and
-    skipped, never deleted: a run resumes from the previous good checkpoint.
+    skipped: a run resumes from the previous good checkpoint. When every checkpoint the index
+    lists is damaged, that is an error, not a fresh start.
     """
     if not model_dir or not os.path.isdir(model_dir):
         return None
-    for name, digest in reversed(_read_index(model_dir).items()):
+    index = _read_index(model_dir)
+    for name, digest in reversed(index.items()):
         path = os.path.join(model_dir, name)
         problem = damage(path, digest)
         if problem is None:
             return path
         logger.warning("Checkpoint %s is damaged (%s): it is skipped and left in place; the "
                        "previous checkpoint is used", path, problem)
+    if index:
+        raise ValueError(
+            f"every checkpoint listed in {os.path.join(model_dir, INDEX_NAME)} is damaged "
+            f"({', '.join(index)}): nothing to resume from. Move them out of model_dir to "
+            "start afresh, or restore them from a backup")
     return None
 
 
 def _remove_stale_temporaries(model_dir: str) -> None:
-    """Half-written files of a writer that was killed (the chief is the only writer)."""
+    """Half-written files of a checkpoint writer that was killed (the chief is the only one)."""
     for name in os.listdir(model_dir):
-        if name.startswith(_TEMP_PREFIX):
-            os.remove(os.path.join(model_dir, name))
+        path = os.path.join(model_dir, name)
+        if name.startswith(_TEMP_PREFIX) and os.path.isfile(path):
+            os.remove(path)
             logger.info("Removed %s, left by an interrupted checkpoint write", name)
+
+
+def _set_aside_damaged(model_dir: str, index: dict[str, str | None]) -> dict[str, str | None]:
+    """Renames the damaged checkpoints of the index to `<name>.damaged` (kept, out of the way of
+    new checkpoints of the same step and of retention) and returns the index without them."""
+    intact = {}
+    for name, digest in index.items():
+        problem = damage(os.path.join(model_dir, name), digest)
+        if problem is None:
+            intact[name] = digest
+        elif problem != "it no longer exists":
+            os.replace(os.path.join(model_dir, name), os.path.join(model_dir, f"{name}.damaged"))
+            logger.warning("Moved the damaged checkpoint %s (%s) to %s.damaged", name, problem,
+                           name)
+    return intact
 
 
 def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None) -> str:
     """Writes `state` as the checkpoint of state["global_step"] and keeps the newest ones."""
     os.makedirs(model_dir, exist_ok=True)
     _remove_stale_temporaries(model_dir)
+    index = _set_aside_damaged(model_dir, _read_index(model_dir))
     name = checkpoint_name(state["global_step"])
     path = os.path.join(model_dir, name)
     atomic_write(path, lambda handle: torch.save(state, handle))
-    index = {existing: digest for existing, digest in _read_index(model_dir).items()
-             if existing != name}
+    index = {existing: digest for existing, digest in index.items() if existing != name}
     index[name] = _sha256(path)
     names = list(index)
     kept = names[-keep_checkpoint_max:] if keep_checkpoint_max else names
@@ -177,8 +199,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        raise ValueError(f"checkpoint {path!r} cannot be read, it is truncated or corrupt: "
-                         f"{error}") from error
+        raise ValueError(f"checkpoint {path!r} cannot be read (truncated, corrupt or not "
+                         f"readable): {error}") from error
 
 
 def resolve_checkpoint_path(path: str) -> str:

@@ -366,7 +366,8 @@ class TPUEstimator:
                             as_tf_saved_model)
 
     def latest_checkpoint(self) -> str | None:
-        """Path of the newest checkpoint in model_dir, or None."""
+        """Path of the newest intact checkpoint in model_dir, or None; a damaged newer one is
+        reported in a warning and skipped (see checkpoint.py)."""
         return checkpoint.latest_checkpoint(self._model_dir)
 
     def _latest_state(self) -> dict:

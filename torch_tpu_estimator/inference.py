@@ -47,6 +47,13 @@ def _loss_rows(loss: torch.Tensor, batch_size: int) -> torch.Tensor:
     return loss.expand(batch_size) if loss.dim() == 0 else loss
 
 
+def _eval_step(job: Job, state: TrainingState, batch: Any, params: dict) -> tuple[Any, Any]:
+    """model_fn's EVAL spec for one batch, and its loss as one value per example."""
+    spec = validate_spec(job.model_fn(state.model, batch.features, batch.labels, ModeKeys.EVAL,
+                                      params), ModeKeys.EVAL)
+    return spec, _loss_rows(spec.loss.detach(), params["batch_size"])
+
+
 def _merge_metrics(total: dict[str, Metric] | None, new: Any) -> dict[str, Metric]:
     if not isinstance(new, dict):
         raise TypeError(f"metric_fn must return a dict of name -> Metric, got {type(new).__name__}")
@@ -79,11 +86,10 @@ def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int |
             outputs, num_reals = [], []
             with torch.no_grad():
                 for batch in windows.window(float("inf") if steps is None else steps - done):
-                    spec = run_step(lambda batch=batch: validate_spec(
-                        job.model_fn(state.model, batch.features, batch.labels, ModeKeys.EVAL,
-                                     params), ModeKeys.EVAL))
+                    spec, losses = run_step(lambda batch=batch: _eval_step(job, state, batch,
+                                                                           params))
                     metric_fn, tensors = spec.eval_metrics or (None, [])
-                    outputs.append((_loss_rows(spec.loss.detach(), params["batch_size"]), tensors))
+                    outputs.append((losses, tensors))
                     num_reals.append(batch.num_real)
             done += len(outputs)
             window = _gathered_window(runtime, outputs, num_reals)

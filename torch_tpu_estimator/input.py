@@ -282,7 +282,7 @@ class InputPipeline:
             real_counts.append(len(rows))
             rows = rows + [order[-1]] * (self.batch_size - len(rows))
             index_batches.append(rows)
-        if isinstance(self.source, TensorDataset) and not self.config.num_workers:
+        if type(self.source) is TensorDataset and not self.config.num_workers:  # not subclasses
             # One indexing op per tensor: collating 128 rows one by one costs ~1 ms a batch, in
             # the loader thread that shares the GIL with the step being traced.
             loader = ([tensor[torch.tensor(rows)] for tensor in self.source.tensors]

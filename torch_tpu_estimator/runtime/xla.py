@@ -102,7 +102,9 @@ class XlaRuntime(Runtime):
         if max_graphs is None:
             return super().step_runner(mode, max_graphs)
         # A new (tiny) function per run: torch_xla.compile keys its graph count by the function,
-        # so each call of train/evaluate/predict counts afresh. It syncs before and after.
+        # so each call of train/evaluate/predict counts afresh (torch_xla keeps that small
+        # record for the process's life). It syncs before and after the body: two graph cuts a
+        # step instead of one, so device random draws (dropout) differ from an unguarded run.
         guarded = torch_xla.compile(functools.partial(_call), name=f"torch_tpu_estimator_{mode}",
                                     max_different_graphs=max_graphs)
 
