@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=None,
                         help="with --no-tpu: this many replica processes joined by gloo")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
 
     train_set, test_set = digits_datasets()
     estimator = make_estimator(args.model_dir, use_tpu=not args.no_tpu, spmd=args.spmd,
