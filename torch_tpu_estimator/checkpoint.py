@@ -110,10 +110,9 @@ def damage(path: str, digest: str | None) -> str | None:
     gone, its SHA-256 differs from the one recorded when it was written, or (with no record)
     it is not a complete torch.save archive."""
     try:
-        stat = os.stat(path)
+        key = _identity(path, digest)
     except FileNotFoundError:  # removed by retention since the index was read
         return "it no longer exists"
-    key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, digest)
     if key in _VERIFIED:
         return None
     if digest is not None and _sha256(path) != digest:
@@ -122,6 +121,12 @@ def damage(path: str, digest: str | None) -> str | None:
         return "it is not a complete torch.save archive"
     _VERIFIED.add(key)
     return None
+
+
+def _identity(path: str, digest: str | None) -> tuple:
+    """A file as _VERIFIED knows it: any rewrite changes its inode, size or change time."""
+    stat = os.stat(path)
+    return (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, digest)
 
 
 def latest_checkpoint(model_dir: str | None) -> str | None:
@@ -183,6 +188,7 @@ def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None
     atomic_write(path, lambda handle: torch.save(state, handle))
     index = {existing: digest for existing, digest in index.items() if existing != name}
     index[name] = _sha256(path)
+    _VERIFIED.add(_identity(path, index[name]))  # just hashed: the next save need not again
     names = list(index)
     kept = names[-keep_checkpoint_max:] if keep_checkpoint_max else names
     _write_index(model_dir, {kept_name: index[kept_name] for kept_name in kept})
