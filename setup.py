@@ -14,7 +14,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "ruff"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "tensorboard"],
         "examples": ["scikit-learn"],
         "tf": ["tensorflow-cpu"],
     },

@@ -3,12 +3,13 @@ test_replicas.py in a fresh process, so that each layout starts its own runtime 
 torchrun). Writes what a user would compare across layouts to a JSON file.
 
 usage: replica_job.py CONFIG_JSON   (keys: runtime, replicas, per_host, shuffle, model_dir, out,
-                                     fail_in)
+                                     fail_in, export)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -38,6 +39,21 @@ class LossRecorder(Hook):
 
     def after_window(self, context, window):
         self.losses.extend(float(loss) for loss in window.losses)
+
+
+class InfoCounter(logging.Handler):
+    """Counts the library's progress lines this process let through."""
+
+    count = 0
+
+    def emit(self, record):
+        if record.levelno == logging.INFO:
+            InfoCounter.count += 1
+
+
+INFO_LOGS = InfoCounter()
+logging.getLogger("torch_tpu_estimator").addHandler(INFO_LOGS)
+logging.getLogger("torch_tpu_estimator").setLevel(logging.INFO)
 
 
 def metric_fn(labels, logits):
@@ -112,7 +128,11 @@ def run(config: dict) -> dict:
         lambda params: DataLoader(predict_data.tensors[0], batch_size=params["batch_size"])))
     weights = {name: estimator.get_variable_value(name).tolist()
                for name in estimator.get_variable_names()}
+    export = estimator.export_saved_model(config["model_dir"] + "-exports", predict_data.tensors[0],
+                                          batch_sizes=(4,)) if config.get("export") else None
     return {
+        "export": export,
+        "library_info_logs": INFO_LOGS.count,
         "train_losses": recorder.losses,
         "weights": weights,
         "evaluation": evaluation,

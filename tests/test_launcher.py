@@ -21,10 +21,10 @@ class Unpicklable(Exception):
         super().__init__("held a lock")
         self.lock = threading.Lock()
 
-def work(rank, scratch):
+def work(rank, scratch, heartbeats):
     return {"rank": rank, "shared_scratch": bool(scratch)}
 
-def fail(rank, scratch):
+def fail(rank, scratch, heartbeats):
     if rank == 2:
         raise Unpicklable()
     return rank
@@ -41,7 +41,7 @@ ORPHANS = r"""
 import os, sys, time
 from torch_tpu_estimator.runtime.launcher import launch_processes
 
-def sleep_forever(rank, scratch):
+def sleep_forever(rank, scratch, heartbeats):
     with open(os.path.join(sys.argv[1], f"replica-{rank}"), "w") as handle:
         handle.write(str(os.getpid()))
     time.sleep(600)

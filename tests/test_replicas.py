@@ -22,7 +22,7 @@ LAYOUTS = {
     "torch1": {"runtime": "torch", "replicas": 1},
     "gloo2": {"runtime": "gloo", "replicas": 2},
     "gloo4": {"runtime": "gloo", "replicas": 4},
-    "torchrun2": {"runtime": "torch", "replicas": 2, "torchrun": True},
+    "torchrun2": {"runtime": "torch", "replicas": 2, "torchrun": True, "export": True},
     # per-replica input (input_fn shards by params["context"]); no shuffle, so that the shards
     # put together are the one-replica batches
     "xla1_ordered": {"runtime": "xla", "replicas": 1, "shuffle": False},
@@ -136,6 +136,20 @@ def test_only_the_chief_writes_checkpoints_and_summaries(results, layout):
         "model.ckpt-10.pt", "model.ckpt-6.pt"]
     assert len([name for name in names if name.startswith("events.out.tfevents")]) == 1
     assert len(os.listdir(os.path.join(model_dir, "eval"))) == 1
+
+
+def test_under_torchrun_only_the_chief_exports_and_logs_progress(results):
+    """Every rank calls export_saved_model: one export is written, each rank gets its path;
+    only rank 0 logs progress lines."""
+    out = os.path.join(os.path.dirname(results["torchrun2"]["model_dir"]), "torchrun2")
+    ranks = []
+    for rank in (0, 1):
+        with open(f"{out}.{rank}") as handle:
+            ranks.append(json.load(handle))
+    exports = results["torchrun2"]["model_dir"] + "-exports"
+    assert os.listdir(exports) == [os.path.basename(ranks[0]["export"])]
+    assert ranks[1]["export"] == ranks[0]["export"]
+    assert ranks[0]["library_info_logs"] > 0 and ranks[1]["library_info_logs"] == 0
 
 
 SPMD_RESUME = r"""

@@ -11,24 +11,30 @@ name and skipped for the previous one, and the next save moves it aside as `<nam
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .paths import plain_name
+
 logger = logging.getLogger("torch_tpu_estimator")
 
 INDEX_NAME = "checkpoint.json"
 _CHECKPOINT_NAME = re.compile(r"^model\.ckpt-(\d+)\.pt$")
 _TEMP_PREFIX = ".tmp-checkpoint-"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -52,21 +58,82 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Calls write(file) on a temporary file beside `path`, then renames it to `path`."""
+class _HashingWriter:
+    """A file handle that hashes what goes through it, so a checkpoint's SHA-256 is known
+    without reading the file back, and keeps the OSError a write raised (torch.save reports a
+    failed write as an unrelated RuntimeError)."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            written = self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+        self.digest.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _write_error(error: OSError, path: str) -> OSError:
+    """An OSError that says what failed, for which file: "no space left" for a full disk."""
+    reason = "no space left on device" if error.errno == errno.ENOSPC else (
+        error.strerror or str(error))
+    return OSError(error.errno, f"{reason} while writing {path}; the checkpoints written "
+                   "before it are intact")
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> str:
+    """Calls write(file) on a temporary file beside `path`, then renames it to `path`; returns
+    the SHA-256 of the bytes written."""
     directory = os.path.dirname(path) or "."
     fd, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=directory)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            writer = _HashingWriter(handle)
+            write(writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
-    except BaseException:
+        fsync_path(directory)
+    except BaseException as error:
         if os.path.exists(temp_path):
             os.remove(temp_path)
+        failed_write = writer.error if writer is not None and writer.error is not None else error
+        if isinstance(failed_write, OSError):
+            raise _write_error(failed_write, path) from error
         raise
-    fsync_path(directory)
+    return writer.digest.hexdigest()
+
+
+def _checked_index(index: Any, index_path: str) -> dict[str, str | None]:
+    """The index's entries after checking every name: a checkpoint file name inside model_dir
+    (never a path that leads elsewhere), and every digest: a SHA-256 hex string or none."""
+    if not isinstance(index, dict) or not isinstance(index.get("checkpoints"), list):
+        raise ValueError(f"{index_path} is not a checkpoint index: no list 'checkpoints'")
+    digests = index.get("sha256", {})
+    if not isinstance(digests, dict):
+        raise ValueError(f"{index_path} is not a checkpoint index: 'sha256' is not a dict")
+    entries = {}
+    for name in index["checkpoints"]:
+        plain_name(name, f"checkpoint index {index_path}")
+        if not _CHECKPOINT_NAME.match(name):
+            raise ValueError(f"checkpoint index {index_path} names {name!r}, which is not a "
+                             "checkpoint file name (model.ckpt-<step>.pt): refused, nothing "
+                             "was touched")
+        digest = digests.get(name)
+        if digest is not None and not (isinstance(digest, str) and _SHA256.match(digest)):
+            raise ValueError(f"checkpoint index {index_path} gives {name!r} the digest "
+                             f"{digest!r}, which is not a SHA-256")
+        entries[name] = digest
+    return entries
 
 
 def _read_index(model_dir: str) -> dict[str, str | None]:
@@ -75,12 +142,12 @@ def _read_index(model_dir: str) -> dict[str, str | None]:
     index_path = os.path.join(model_dir, INDEX_NAME)
     try:
         with open(index_path) as handle:
-            index = json.load(handle)
-        digests = index.get("sha256", {})
-        entries = {name: digests.get(name) for name in index["checkpoints"]}
+            entries = _checked_index(json.load(handle), index_path)
     except FileNotFoundError:
         return {}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except ValueError as error:
+        if "checkpoint index" in str(error):
+            raise
         raise ValueError(f"{index_path} is not a checkpoint index: {error}") from error
     return {name: digest for name, digest in entries.items()
             if os.path.exists(os.path.join(model_dir, name))}
@@ -103,6 +170,8 @@ def _sha256(path: str) -> str:
 
 # Files whose digest matched, by identity and change time: hashed once per process.
 _VERIFIED: set[tuple] = set()
+# Checkpoint files found damaged by this process: the next save moves them aside.
+_DAMAGED: set[str] = set()
 
 
 def damage(path: str, digest: str | None) -> str | None:
@@ -116,11 +185,14 @@ def damage(path: str, digest: str | None) -> str | None:
     if key in _VERIFIED:
         return None
     if digest is not None and _sha256(path) != digest:
-        return "its SHA-256 differs from the one recorded when it was written"
-    if digest is None and not zipfile.is_zipfile(path):
-        return "it is not a complete torch.save archive"
-    _VERIFIED.add(key)
-    return None
+        problem = "its SHA-256 differs from the one recorded when it was written"
+    elif digest is None and not zipfile.is_zipfile(path):
+        problem = "it is not a complete torch.save archive"
+    else:
+        _VERIFIED.add(key)
+        return None
+    _DAMAGED.add(os.path.abspath(path))
+    return problem
 
 
 def _identity(path: str, digest: str | None) -> tuple:
@@ -129,12 +201,18 @@ def _identity(path: str, digest: str | None) -> tuple:
     return (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, digest)
 
 
+def _unlisted_checkpoints(model_dir: str, index: dict[str, str | None]) -> list[str]:
+    return sorted((name for name in os.listdir(model_dir)
+                   if _CHECKPOINT_NAME.match(name) and name not in index), key=step_of)
+
+
 def latest_checkpoint(model_dir: str | None) -> str | None:
     """Path of the newest intact checkpoint in model_dir, or None when it has none.
 
     A damaged newer one (truncated, or changed since it was written) is reported by name and
     skipped: a run resumes from the previous good checkpoint. When every checkpoint the index
-    lists is damaged, that is an error, not a fresh start.
+    lists is damaged, or the index lists none while checkpoint files are there (it was deleted),
+    that is an error, not a fresh start that would overwrite them.
     """
     if not model_dir or not os.path.isdir(model_dir):
         return None
@@ -151,6 +229,13 @@ def latest_checkpoint(model_dir: str | None) -> str | None:
             f"every checkpoint listed in {os.path.join(model_dir, INDEX_NAME)} is damaged "
             f"({', '.join(index)}): nothing to resume from. Move them out of model_dir to "
             "start afresh, or restore them from a backup")
+    unlisted = _unlisted_checkpoints(model_dir, index)
+    if unlisted:
+        raise ValueError(
+            f"model_dir {model_dir!r} holds checkpoint files that its index "
+            f"({INDEX_NAME}) does not list: {', '.join(unlisted)}. The index was deleted or "
+            "replaced; this run will not start afresh over them. Restore the index, or move "
+            "the files out of model_dir")
     return None
 
 
@@ -163,18 +248,45 @@ def _remove_stale_temporaries(model_dir: str) -> None:
             logger.info("Removed %s, left by an interrupted checkpoint write", name)
 
 
-def _set_aside_damaged(model_dir: str, index: dict[str, str | None]) -> dict[str, str | None]:
-    """Renames the damaged checkpoints of the index to `<name>.damaged` (kept, out of the way of
-    new checkpoints of the same step and of retention) and returns the index without them."""
+def _move_aside(model_dir: str, name: str, suffix: str) -> str:
+    """Renames `name` to `<name>.<suffix>`, or `<name>.<suffix>.<n>` with the first free n:
+    never over an existing file (a hard link fails when its target exists)."""
+    source = os.path.join(model_dir, name)
+    for number in itertools.count():
+        target = f"{name}.{suffix}" + (f".{number}" if number else "")
+        target_path = os.path.join(model_dir, target)
+        try:
+            os.link(source, target_path)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this file system: look, then rename
+            if os.path.lexists(target_path):
+                continue
+            os.rename(source, target_path)
+            return target
+        os.unlink(source)
+        return target
+    raise AssertionError("unreachable")
+
+
+def _set_aside(model_dir: str, index: dict[str, str | None], new_name: str
+               ) -> dict[str, str | None]:
+    """Moves out of the way, never deleting or overwriting them: the checkpoints this process
+    found damaged (`<name>.damaged`), and a file already at `new_name` (damaged if the index
+    lists it, else `<name>.unlisted`: not ours to overwrite). Returns the index without them."""
     intact = {}
     for name, digest in index.items():
-        problem = damage(os.path.join(model_dir, name), digest)
-        if problem is None:
+        path = os.path.abspath(os.path.join(model_dir, name))
+        if path in _DAMAGED or name == new_name:
+            moved = _move_aside(model_dir, name, "damaged")
+            _DAMAGED.discard(path)
+            logger.warning("Moved the damaged checkpoint %s to %s", name, moved)
+        else:
             intact[name] = digest
-        elif problem != "it no longer exists":
-            os.replace(os.path.join(model_dir, name), os.path.join(model_dir, f"{name}.damaged"))
-            logger.warning("Moved the damaged checkpoint %s (%s) to %s.damaged", name, problem,
-                           name)
+    if os.path.exists(os.path.join(model_dir, new_name)):
+        moved = _move_aside(model_dir, new_name, "unlisted")
+        logger.warning("%s was not listed in %s: moved it to %s rather than overwrite it",
+                       new_name, INDEX_NAME, moved)
     return intact
 
 
@@ -182,13 +294,12 @@ def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None
     """Writes `state` as the checkpoint of state["global_step"] and keeps the newest ones."""
     os.makedirs(model_dir, exist_ok=True)
     _remove_stale_temporaries(model_dir)
-    index = _set_aside_damaged(model_dir, _read_index(model_dir))
     name = checkpoint_name(state["global_step"])
+    index = _set_aside(model_dir, _read_index(model_dir), name)
     path = os.path.join(model_dir, name)
-    atomic_write(path, lambda handle: torch.save(state, handle))
-    index = {existing: digest for existing, digest in index.items() if existing != name}
-    index[name] = _sha256(path)
-    _VERIFIED.add(_identity(path, index[name]))  # just hashed: the next save need not again
+    digest = atomic_write(path, lambda handle: torch.save(state, handle))
+    index[name] = digest
+    _VERIFIED.add(_identity(path, digest))  # hashed as written: no read back
     names = list(index)
     kept = names[-keep_checkpoint_max:] if keep_checkpoint_max else names
     _write_index(model_dir, {kept_name: index[kept_name] for kept_name in kept})
@@ -198,15 +309,34 @@ def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None
     return path
 
 
+def _checked_state(state: Any, path: str) -> dict:
+    """A loaded checkpoint after checking the keys every reader relies on."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{path!r} is not a torch_tpu_estimator checkpoint: it holds no "
+                         "'model' state dict")
+    step = state.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint {path!r} has global_step {step!r}: expected an int >= 0")
+    for name, value in state["model"].items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"checkpoint {path!r} holds {name!r} of type "
+                             f"{type(value).__name__} in its model state: expected tensors")
+    return state
+
+
 def load_checkpoint(path: str) -> dict:
-    """Reads a checkpoint into CPU memory."""
+    """Reads a checkpoint into CPU memory (torch.load's weights-only reader: plain tensors and
+    Python values, never arbitrary objects) and checks its layout."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a file that is not ours: noise
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise ValueError(f"checkpoint {path!r} cannot be read (truncated, corrupt or not "
                          f"readable): {error}") from error
+    return _checked_state(state, path)
 
 
 def resolve_checkpoint_path(path: str) -> str:

@@ -11,8 +11,7 @@ import os
 import sys
 from collections.abc import Iterable
 
-import numpy as np
-
+from .bundle import DATA_DIR, read_array_header, regular_files
 from .checkpoint import INDEX_NAME, load_checkpoint, resolve_checkpoint_path
 from .signature import STABLEHLO_DIR, dtype_name, newest_export, read_signature
 
@@ -38,11 +37,6 @@ def describe_checkpoint(path: str) -> list[str]:
     return lines + _variable_lines(variables)
 
 
-def _npy_header(path: str) -> tuple[str, tuple[int, ...]]:
-    array = np.load(path, mmap_mode="r")  # reads the header only
-    return str(array.dtype), tuple(array.shape)
-
-
 def describe_export(export_dir: str) -> list[str]:
     """Signature, source checkpoint and variables of one export."""
     signature = read_signature(export_dir)
@@ -54,9 +48,9 @@ def describe_export(export_dir: str) -> list[str]:
              "outputs:", *(f"  {spec.describe()}" for spec in signature.outputs)]
     if signature.assets_extra:
         lines += ["assets.extra:", *(f"  {name}" for name in signature.assets_extra)]
-    data_dir = os.path.join(export_dir, STABLEHLO_DIR, "data")
-    names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
-    variables = [(name, *_npy_header(os.path.join(data_dir, name))) for name in names]
+    data_dir = os.path.join(export_dir, STABLEHLO_DIR, DATA_DIR)
+    files = regular_files(data_dir) if os.path.isdir(data_dir) else []
+    variables = [(name, *read_array_header(path)) for name, path in files]
     lines.append(f"variables ({len(variables)}):")
     return lines + _variable_lines(variables)
 
@@ -79,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         lines = describe(args.path)
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"inspect: {error}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, KeyError, IndexError, TypeError, EOFError) as error:
+        print(f"inspect: {args.path} is not a checkpoint, a model_dir or an export: "
+              f"{' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0

@@ -84,6 +84,11 @@ class TPUConfig:
       evaluate or predict; one more is a RecompilationError naming the mode, raised as the
       graph is traced (torch_xla.compile's max_different_graphs). Training with Adam-like
       optimizers traces 2 (the first step creates their state); eval and predict trace 1.
+    replica_timeout_secs: how long replicas wait for one another. Processes the estimator
+      launches (use_tpu=False, num_shards=N) are watched: when none of them makes progress for
+      this long, the job ends with ReplicaHungError naming the replica the others wait for, and
+      every process is stopped. Under torchrun it is the process group's collective timeout.
+      It must exceed the longest pause of one replica: a compilation, a checkpoint write.
     """
 
     iterations_per_loop: int | str = 2
@@ -91,9 +96,15 @@ class TPUConfig:
     per_host_input_for_training: bool = True
     strategy: str = "mp"
     max_graphs_per_mode: Mapping[str, int] | None = None
+    replica_timeout_secs: float = 1800.0
 
     def __post_init__(self) -> None:
         parse_iterations_per_loop(self.iterations_per_loop)
+        _require(isinstance(self.replica_timeout_secs, (int, float))
+                 and not isinstance(self.replica_timeout_secs, bool)
+                 and self.replica_timeout_secs > 0,
+                 f"replica_timeout_secs must be a positive number of seconds, got "
+                 f"{self.replica_timeout_secs!r}")
         _positive_int_or_none("num_shards", self.num_shards)
         _require(
             isinstance(self.per_host_input_for_training, bool),

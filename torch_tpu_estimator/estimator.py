@@ -15,12 +15,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import checkpoint, summary
+from . import checkpoint, preemption, summary
 from .config import RunConfig, TPUConfig
 from .hooks import CheckpointSaverListener, Hook
 from .inference import evaluate_replica, predict_replica
 from .job import InputFn, Job, ModelFn
+from .logs import replica_logging
 from .loops import train_replica
+from .paths import relative_inside
 from .runtime import Runtime, resolve_runtime
 from .runtime.base import ReplicaContext
 from .signature import DEFAULT_SERVING_BATCH_SIZES, named_rows
@@ -64,12 +66,40 @@ def _portable_state(hook: Any) -> dict | None:
         return None
 
 
+def _as_replica(runtime: Runtime, work: Callable[[], T]) -> T:
+    """Runs `work` in a replica process, which logs progress only if it is the chief."""
+    with replica_logging(runtime.is_chief):
+        return work()
+
+
+def _replica_items(runtime: Runtime, items: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """_as_replica for a generator: its logging rule holds while the items are produced."""
+    with replica_logging(runtime.is_chief):
+        yield from items()
+
+
+def _on_chief_only(runtime: Runtime, work: Callable[[], T]) -> T:
+    """`work`'s result on every process of a job whose processes all called it (torchrun
+    ranks), computed by the chief alone; its error, if any, is raised everywhere."""
+    outcome = None
+    if runtime.is_chief:
+        try:
+            outcome = ("result", work())
+        except Exception as error:
+            runtime.host_gather(("error", f"{type(error).__name__}: {error}"))
+            raise
+    kind, value = runtime.host_gather(outcome)[0]
+    if kind == "error":
+        raise RuntimeError(f"the chief (rank 0) failed: {value}")
+    return value
+
+
 def _launch_with_hooks(runtime: Runtime, work: Callable[[], T], hooks: Sequence[Any]) -> T:
     """Runs `work` on every replica. Hooks run in the replica processes, so when those are not
     the caller's, the chief's hooks' attributes are copied back into the caller's hook objects."""
     if runtime.caller_is_replica or not hooks:
-        return runtime.launch(work)
-    result, states = runtime.launch(lambda: (work(), [
+        return runtime.launch(lambda: _as_replica(runtime, work))
+    result, states = runtime.launch(lambda: (_as_replica(runtime, work), [
         _portable_state(hook) if runtime.is_chief else None for hook in hooks]))
     for hook, state in zip(hooks, states, strict=True):
         if state is not None:
@@ -95,11 +125,8 @@ def _check_assets_extra(assets_extra: Mapping[str, str] | None) -> dict[str, str
                         f"{type(assets_extra).__name__}")
     checked = {}
     for destination, source in assets_extra.items():
-        normalized = os.path.normpath(str(destination))
-        if os.path.isabs(normalized) or normalized in (".", "") or \
-                normalized.split(os.sep)[0] == "..":
-            raise ValueError(f"assets_extra destination {destination!r} must be a relative file "
-                             "path inside assets.extra/")
+        normalized = relative_inside(destination, "assets_extra (destination inside "
+                                                  "assets.extra/)")
         if normalized in checked:
             raise ValueError(f"assets_extra names {normalized!r} twice")
         if not os.path.isfile(source):
@@ -114,6 +141,9 @@ def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
             f"model_dir={model_dir!r} and config.model_dir={config.model_dir!r} differ; give one"
         )
     resolved = model_dir or config.model_dir
+    if resolved is not None and os.path.islink(resolved) and not os.path.exists(resolved):
+        raise ValueError(f"model_dir {resolved!r} is a symbolic link to "
+                         f"{os.readlink(resolved)!r}, which does not exist")
     if resolved is None:
         resolved = tempfile.mkdtemp(prefix="torch_tpu_estimator-")
         logger.warning("Using temporary folder as model directory: %s", resolved)
@@ -238,7 +268,11 @@ class TPUEstimator:
         max_steps: int | None = None,
         saving_listeners: Sequence[CheckpointSaverListener] | None = None,
     ) -> TPUEstimator:
-        """Trains: `steps` more steps, or up to global step `max_steps`, or until input ends."""
+        """Trains: `steps` more steps, or up to global step `max_steps`, or until input ends.
+
+        SIGTERM (preemption) ends training at the next step boundary with a checkpoint, then
+        raises SystemExit(143); the same call, run again, continues from there (preemption.py).
+        """
         _check_callable("input_fn", input_fn)
         if steps is not None and max_steps is not None:
             raise ValueError("Can not provide both steps and max_steps")
@@ -252,9 +286,11 @@ class TPUEstimator:
         listeners = _check_instances("saving_listeners", saving_listeners, CheckpointSaverListener)
         job = self._job(ModeKeys.TRAIN)
         runtime = self._runtime
-        _launch_with_hooks(
+        outcome = _launch_with_hooks(
             runtime, lambda: train_replica(job, runtime, input_fn, hooks, steps, max_steps,
                                            listeners), [*hooks, *listeners])
+        if outcome.preempted:
+            raise SystemExit(preemption.EXIT_STATUS)
         return self
 
     def _checkpoint_to_use(self, checkpoint_path: str | None) -> str:
@@ -316,8 +352,8 @@ class TPUEstimator:
             raise TypeError("predict_keys must be a list of str")
         path = self._checkpoint_to_use(checkpoint_path)
         runtime = self._runtime
-        return runtime.stream(lambda: predict_replica(
-            job, runtime, input_fn, predict_keys, hooks, path, yield_single_examples))
+        return runtime.stream(lambda: _replica_items(runtime, lambda: predict_replica(
+            job, runtime, input_fn, predict_keys, hooks, path, yield_single_examples)))
 
     def export_saved_model(
         self,
@@ -358,12 +394,19 @@ class TPUEstimator:
         path = self._checkpoint_to_use(checkpoint_path)
         params = {**self._params, "batch_size": sizes[-1], "use_tpu": self._use_tpu,
                   "context": ReplicaContext(0, 1, 0, 1, device="cpu", mode=ModeKeys.PREDICT)}
-        model = build_module(self._model_init_fn, params, self._config.seed)
-        state = checkpoint.load_checkpoint(path)
-        load_model_weights(model, state["model"], path)
-        return export_model(self._model_fn, model.eval(), params, inputs, features_is_dict,
-                            sizes, export_dir_base, path, state["global_step"], assets,
-                            as_tf_saved_model)
+
+        def export() -> str:
+            model = build_module(self._model_init_fn, params, self._config.seed)
+            state = checkpoint.load_checkpoint(path)
+            load_model_weights(model, state["model"], path)
+            return export_model(self._model_fn, model.eval(), params, inputs, features_is_dict,
+                                sizes, export_dir_base, path, state["global_step"], assets,
+                                as_tf_saved_model)
+
+        runtime = self._runtime
+        if not (runtime.caller_is_replica and runtime.num_processes > 1):
+            return export()
+        return runtime.launch(lambda: _on_chief_only(runtime, export))
 
     def latest_checkpoint(self) -> str | None:
         """Path of the newest intact checkpoint in model_dir, or None; a damaged newer one is

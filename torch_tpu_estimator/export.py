@@ -32,6 +32,7 @@ import torch_xla.core.xla_model as xm
 from torch_xla import stablehlo
 
 from .checkpoint import fsync_path
+from .locking import hold_directory, remove_if_abandoned
 from .signature import (
     ASSETS_EXTRA_DIR,
     HLO_DIR,
@@ -46,6 +47,7 @@ from .signature import (
 from .spec import ModeKeys, validate_spec
 
 logger = logging.getLogger("torch_tpu_estimator")
+_TEMP_PREFIX = ".tmp-export-"
 
 
 class _ServingModule(torch.nn.Module):
@@ -215,10 +217,17 @@ def _fsync_tree(directory: str) -> None:
 
 def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
     """Runs write(temporary_dir), then renames it to a new `<unix seconds>` name, later than
-    every export already there (so the newest is the largest even if the clock went back)."""
+    every export already there (so the newest is the largest even if the clock went back).
+
+    The temporary folder is flock-ed while it is written: a killed exporter's folder is free,
+    and the next export removes it; a running exporter's is left alone."""
     created_base = not os.path.exists(export_dir_base)
     os.makedirs(export_dir_base, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=".tmp-export-", dir=export_dir_base)
+    for name in os.listdir(export_dir_base):
+        if name.startswith(_TEMP_PREFIX):
+            remove_if_abandoned(os.path.join(export_dir_base, name))
+    temporary = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=export_dir_base)
+    held = hold_directory(temporary)  # marks it in use: a later export leaves it alone
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -240,6 +249,8 @@ def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
         if created_base and not os.listdir(export_dir_base):
             os.rmdir(export_dir_base)
         raise
+    finally:
+        os.close(held)
     fsync_path(export_dir_base)
     return final
 

@@ -18,7 +18,7 @@ from .hooks import Hook, RunContext, Window
 from .job import InputFn, Job
 from .loops import log_device_report, open_windows
 from .metrics import Metric
-from .runtime.base import Runtime
+from .runtime.base import Progress, Runtime
 from .spec import ModeKeys, call_with_tensors, validate_spec
 from .summary import eval_dir, write_scalars
 from .training_state import TrainingState
@@ -81,16 +81,27 @@ def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int |
     for hook in hooks:
         hook.begin(context)
     metric_fn, metrics, loss_sum, examples, done = None, None, 0.0, 0, 0
+    warned = False
     try:
         while not windows.exhausted and (steps is None or done < steps):
             outputs, num_reals = [], []
             with torch.no_grad():
                 for batch in windows.window(float("inf") if steps is None else steps - done):
+                    runtime.heartbeat(Progress.MODEL_FN, done + len(outputs) + 1)
                     spec, losses = run_step(lambda batch=batch: _eval_step(job, state, batch,
                                                                            params))
                     metric_fn, tensors = spec.eval_metrics or (None, [])
                     outputs.append((losses, tensors))
                     num_reals.append(batch.num_real)
+                    if not warned and spec.loss.dim() == 0 and \
+                            batch.num_real < params["batch_size"]:
+                        warned = True
+                        logger.warning(
+                            "model_fn's EVAL loss is a scalar and the last batch is padded (%d "
+                            "real of %d rows): the reported loss averages the padding copies "
+                            "in. Return the loss per example (reduction=\"none\") for an exact "
+                            "mean", batch.num_real, params["batch_size"])
+            runtime.heartbeat(Progress.HOST, done + len(outputs))
             done += len(outputs)
             window = _gathered_window(runtime, outputs, num_reals)
             if window is None:
@@ -157,11 +168,13 @@ def predict_replica(job: Job, runtime: Runtime, input_fn: InputFn,
             outputs, num_reals = [], []
             with torch.no_grad():
                 for batch in windows.window():
+                    runtime.heartbeat(Progress.MODEL_FN, len(num_reals) + 1)
                     spec = run_step(lambda batch=batch: validate_spec(
                         job.model_fn(state.model, batch.features, batch.labels,
                                      ModeKeys.PREDICT, params), ModeKeys.PREDICT))
                     outputs.append(_select(spec.predictions, predict_keys))
                     num_reals.append(batch.num_real)
+            runtime.heartbeat(Progress.HOST, len(num_reals))
             window = _gathered_window(runtime, outputs, num_reals)
             if window is None:
                 continue

@@ -7,6 +7,8 @@ summaries and checkpoint decisions happen there and only there.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -22,7 +24,9 @@ from .gather import real_examples
 from .hooks import CheckpointSaverListener, Hook, LoggingHook, NanLossGuard, RunContext, Window
 from .input import HostBatch, InputPosition
 from .job import InputFn, Job
-from .runtime.base import Runtime
+from .locking import model_dir_lock
+from .preemption import TerminationRequest
+from .runtime.base import Progress, Runtime
 from .spec import ModeKeys, call_with_tensors, validate_spec
 from .summary import TrainSummaryHook
 from .training_state import TrainingState, capture_rng
@@ -67,10 +71,12 @@ class WindowedBatches:
     """
 
     def __init__(self, batches: Iterator[HostBatch], config: RunConfig, runtime: Runtime,
-                 agree_each_step: bool = False):
+                 agree_each_step: bool = False, interrupt: TerminationRequest | None = None):
         self.batches = batches
         self.runtime = runtime
         self.agree_each_step = agree_each_step
+        # one process stops after the step in flight; several stop together at the window end
+        self.interrupt = interrupt if runtime.num_processes == 1 else None
         self.window_steps = config.tpu_config.window_steps or math.inf
         self.window_seconds = config.tpu_config.window_seconds or math.inf
         self.exhausted = False
@@ -82,6 +88,8 @@ class WindowedBatches:
         self.started = time.perf_counter()
         count, limit = 0, min(limit, self.window_steps)
         while count < limit and not self.exhausted:
+            if self.interrupt is not None and self.interrupt.requested:
+                return
             if self._ahead is None:
                 self._ahead = next(self.batches, None)
             ended = self._ahead is None
@@ -104,13 +112,15 @@ class WindowedBatches:
 
 
 def _train_step(job: Job, runtime: Runtime, state: TrainingState, batch: HostBatch,
-                params: dict) -> tuple[torch.Tensor, Any]:
-    """One optimizer step on one batch; returns the detached loss and the spec's host_call."""
+                params: dict, step: int) -> tuple[torch.Tensor, Any]:
+    """Global step `step` on one batch; returns the detached loss and the spec's host_call."""
+    runtime.heartbeat(Progress.MODEL_FN, step)
     state.optimizer.zero_grad(set_to_none=True)
     spec = validate_spec(
         job.model_fn(state.model, batch.features, batch.labels, ModeKeys.TRAIN, params),
         ModeKeys.TRAIN,
     )
+    runtime.heartbeat(Progress.UPDATE, step)
     spec.loss.backward()
     runtime.optimizer_step(state.optimizer)
     if state.scheduler is not None:
@@ -165,11 +175,21 @@ def _restore_or_warm_start(job: Job, runtime: Runtime, state: TrainingState) -> 
 
 
 def open_windows(job: Job, runtime: Runtime, mode: str, input_fn: InputFn,
-                 positions: dict[str, InputPosition] | None = None) -> WindowedBatches:
+                 positions: dict[str, InputPosition] | None = None,
+                 interrupt: TerminationRequest | None = None) -> WindowedBatches:
     """Calls input_fn and opens this process's device batches, window by window."""
     positions = positions or {}
     batches = runtime.device_batches(job.host_batches(runtime, mode, input_fn, positions))
-    return WindowedBatches(batches, job.config, runtime, job.agrees_each_step(runtime, mode))
+    return WindowedBatches(batches, job.config, runtime, job.agrees_each_step(runtime, mode),
+                           interrupt)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOutcome:
+    """How a replica's training ended: its global step, and whether SIGTERM ended it."""
+
+    global_step: int
+    preempted: bool = False
 
 
 def train_replica(
@@ -180,8 +200,24 @@ def train_replica(
     steps: int | None,
     max_steps: int | None,
     saving_listeners: Sequence[CheckpointSaverListener],
-) -> int:
-    """Trains on this replica until the target step, a hook's stop, or the input's end."""
+) -> TrainOutcome:
+    """Trains on this replica until the target step, a hook's stop, the input's end or SIGTERM.
+
+    The chief holds model_dir's lock throughout: a second trainer is refused, and a model_dir
+    it cannot write is found before the first step.
+    """
+    with contextlib.ExitStack() as stack:
+        if runtime.is_chief:
+            stack.enter_context(model_dir_lock(job.model_dir))
+        interrupt = stack.enter_context(TerminationRequest())
+        return _train(job, runtime, input_fn, hooks, steps, max_steps, saving_listeners,
+                      interrupt)
+
+
+def _train(job: Job, runtime: Runtime, input_fn: InputFn, hooks: Sequence[Hook],
+           steps: int | None, max_steps: int | None,
+           saving_listeners: Sequence[CheckpointSaverListener],
+           interrupt: TerminationRequest) -> TrainOutcome:
     counters = runtime.device_counters()
     model_params = job.model_params(runtime, ModeKeys.TRAIN)
     state = TrainingState.build(runtime, job.model_init_fn, job.optimizer_fn, model_params,
@@ -192,10 +228,10 @@ def train_replica(
     if target is not None and restored_step >= target:
         logger.info("Skipping training: global step %d is already at max_steps %d",
                     restored_step, target)
-        return restored_step
+        return TrainOutcome(restored_step)
 
     state.positions = job.own_positions(runtime, state.positions)
-    windows = open_windows(job, runtime, ModeKeys.TRAIN, input_fn, state.positions)
+    windows = open_windows(job, runtime, ModeKeys.TRAIN, input_fn, state.positions, interrupt)
     config = job.config
     all_hooks: list[Hook] = [NanLossGuard()]
     if config.log_step_count_steps:
@@ -212,21 +248,27 @@ def train_replica(
 
     state.model.train()
     try:
-        _run_windows(job, runtime, state, windows, model_params, target, all_hooks, context, saver)
+        preempted = _run_windows(job, runtime, state, windows, model_params, target, all_hooks,
+                                 context, saver, interrupt)
     finally:
         windows.batches.close()
     saver.maybe_save(state, final=True)
+    if preempted and runtime.is_chief:
+        logger.warning("SIGTERM: stopped at global step %d and wrote its checkpoint; run the "
+                       "same call again to continue from there", state.global_step)
     for hook in all_hooks:
         hook.end(context)
     for listener in saving_listeners:
         listener.end(state.global_step)
     log_device_report(runtime, ModeKeys.TRAIN, counters)
-    return state.global_step
+    return TrainOutcome(state.global_step, preempted)
 
 
 def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: WindowedBatches,
                  model_params: dict, target: int | None, hooks: Sequence[Hook],
-                 context: RunContext, saver: _CheckpointSaver) -> None:
+                 context: RunContext, saver: _CheckpointSaver,
+                 interrupt: TerminationRequest) -> bool:
+    """Runs windows until a stop; returns whether SIGTERM (on any process) was the stop."""
     run_step = runtime.step_runner(ModeKeys.TRAIN,
                                    job.config.tpu_config.max_graphs(ModeKeys.TRAIN))
     while True:
@@ -237,13 +279,17 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: Wind
         steps_left = _steps_to_next_stop(state.global_step, target, hooks)
         for batch in windows.window(steps_left):
             learning_rates.append(state.learning_rate())
+            step = state.global_step + len(losses) + 1
             loss, host_call = run_step(
-                lambda batch=batch: _train_step(job, runtime, state, batch, model_params))
+                lambda batch=batch, step=step: _train_step(job, runtime, state, batch,
+                                                           model_params, step))
+            runtime.heartbeat(Progress.INPUT, step + 1)
             losses.append(loss)
             if host_call is not None:
                 host_call_fn, tensors = host_call
                 host_call_tensors.append(map_tensors(torch.Tensor.detach, tensors))
             state.positions.update(batch.positions)
+        runtime.heartbeat(Progress.HOST, state.global_step + len(losses))
         if losses:
             host_losses, host_call_tensors = runtime.to_host([losses, host_call_tensors])
             if host_call_fn is not None:
@@ -263,7 +309,9 @@ def _run_windows(job: Job, runtime: Runtime, state: TrainingState, windows: Wind
                 hook.after_window(context, window)
             saver.maybe_save(state)
         reached = steps_left <= len(losses)  # the target, or a hook's last step (maybe passed)
-        if runtime.host_any(windows.exhausted or reached or context.stop_requested):
+        stops = runtime.host_gather((windows.exhausted or reached or context.stop_requested,
+                                     interrupt.requested))
+        if any(stop for stop, _ in stops) or any(preempted for _, preempted in stops):
             if windows.exhausted:
                 logger.info("Input ended at global step %d", state.global_step)
-            return
+            return any(preempted for _, preempted in stops)

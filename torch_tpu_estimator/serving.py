@@ -18,6 +18,7 @@ import torch_xla.core.xla_builder as xb
 import torch_xla.core.xla_model as xm
 from torch_xla import stablehlo
 
+from .bundle import load_bundle
 from .signature import (
     STABLEHLO_DIR,
     ExportSignature,
@@ -36,13 +37,18 @@ class ExportedModel:
     def __init__(self, export_dir: str):
         self.export_dir = export_dir
         self.signature: ExportSignature = read_signature(export_dir)
-        bundle = stablehlo.StableHLOGraphModule.load(os.path.join(export_dir, STABLEHLO_DIR))._bundle
+        bundle = load_bundle(os.path.join(export_dir, STABLEHLO_DIR))
         self._device = torch_xla.device()
         self._weights = {name: torch.as_tensor(value).to(self._device)
                          for name, value in bundle.state_dict.items()}
         self._constants = [torch.as_tensor(value).to(self._device)
                            for value in bundle.additional_constants]
         self._functions = {function.meta.name: function for function in bundle.stablehlo_funcs}
+        for size in self.signature.batch_sizes:
+            if self.signature.function_name(size) not in self._functions or not os.path.isfile(
+                    hlo_path(export_dir, size)):
+                raise ValueError(f"{export_dir!r} lists batch size {size} in its signature but "
+                                 "holds no program for it: the export is incomplete")
         self._computations: dict[int, Any] = {}
 
     @property

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .paths import relative_inside
+
 SIGNATURE_NAME = "signature.json"
 STABLEHLO_DIR = "stablehlo"
 HLO_DIR = "xla_hlo"
@@ -44,6 +46,21 @@ class TensorSpec:
     def of_rows(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
         """The spec of a batched tensor's rows."""
         return cls(name, dtype_name(tensor.dtype), tuple(tensor.shape[1:]))
+
+    @classmethod
+    def from_fields(cls, fields: Any) -> TensorSpec:
+        """A spec read from signature.json, each field checked."""
+        if not isinstance(fields, dict) or not isinstance(fields.get("name"), str):
+            raise ValueError(f"{fields!r} is not a tensor spec with a str name")
+        if not isinstance(getattr(torch, str(fields.get("dtype")), None), torch.dtype):
+            raise ValueError(f"{fields['name']!r} has dtype {fields.get('dtype')!r}, not a "
+                             "torch dtype")
+        shape = fields.get("shape")
+        if not isinstance(shape, list) or not all(
+                isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                for size in shape):
+            raise ValueError(f"{fields['name']!r} has shape {shape!r}, not a list of sizes")
+        return cls(fields["name"], fields["dtype"], tuple(shape))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -83,20 +100,39 @@ class ExportSignature:
 
     @classmethod
     def from_json(cls, text: str, source: str) -> ExportSignature:
+        """The signature in `text`, every field checked: a crafted file names no path outside
+        the export, no dtype that is not a torch dtype, no batch size that is not a positive
+        int."""
         try:
             fields: dict[str, Any] = json.loads(text)
-            if fields.pop("format") != FORMAT:
+            if not isinstance(fields, dict) or fields.pop("format", None) != FORMAT:
                 raise ValueError("unknown format")
-            fields.pop("functions")
+            fields.pop("functions", None)
             for key in ("inputs", "outputs"):
-                fields[key] = tuple(TensorSpec(spec["name"], spec["dtype"], tuple(spec["shape"]))
-                                    for spec in fields[key])
-            for key in ("batch_sizes", "assets_extra"):
-                fields[key] = tuple(fields[key])
+                fields[key] = tuple(TensorSpec.from_fields(spec) for spec in fields[key])
+            fields["batch_sizes"] = tuple(_positive_int(size, "batch size")
+                                          for size in fields["batch_sizes"])
+            fields["assets_extra"] = tuple(relative_inside(name, f"{source} assets_extra")
+                                           for name in fields.get("assets_extra", ()))
+            _check_types(fields, {"features_is_dict": bool, "predictions_is_dict": bool,
+                                  "checkpoint": str, "global_step": int, "tf_saved_model": bool})
             return cls(**fields)
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{source} is not a torch_tpu_estimator export signature "
                              f"({FORMAT}): {error}") from None
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{what} {value!r} is not a positive int")
+    return value
+
+
+def _check_types(fields: dict[str, Any], types: dict[str, type]) -> None:
+    for key, kind in types.items():
+        if key in fields and (not isinstance(fields[key], kind) or (
+                kind is int and isinstance(fields[key], bool))):
+            raise ValueError(f"{key} {fields[key]!r} is not a {kind.__name__}")
 
 
 def named_rows(features: Any, what: str) -> tuple[dict[str, torch.Tensor], bool]:

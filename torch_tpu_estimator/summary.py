@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 from tensorboardX import SummaryWriter
 
@@ -14,9 +15,16 @@ def eval_dir(model_dir: str, name: str | None = None) -> str:
     return os.path.join(model_dir, "eval" if not name else f"eval_{name}")
 
 
+def open_writer(directory: str) -> SummaryWriter:
+    """A writer of a new event file in `directory`. tensorboardX names event files by the
+    second and the host only, so two writers opened in the same second would share (and
+    truncate) one file: a random suffix keeps every call's events."""
+    return SummaryWriter(directory, filename_suffix=f".{uuid.uuid4().hex[:12]}")
+
+
 def write_scalars(directory: str, values: dict[str, float], step: int) -> None:
-    """Writes one scalar per name at `step` into the event files of `directory`."""
-    with SummaryWriter(directory) as writer:
+    """Writes one scalar per name at `step` into a new event file of `directory`."""
+    with open_writer(directory) as writer:
         for name, value in values.items():
             writer.add_scalar(name, value, step)
 
@@ -38,7 +46,7 @@ class TrainSummaryHook(Hook):
         if not context.is_chief or not steps:
             return
         if self._writer is None:  # opened on first use: a run that fails early writes nothing
-            self._writer = SummaryWriter(self.model_dir)
+            self._writer = open_writer(self.model_dir)
         seconds = window.seconds or float("inf")
         steps_per_sec = (window.last_step - window.first_step) / seconds
         for step in steps:

@@ -13,7 +13,7 @@ def resolve_runtime(use_tpu: bool, tpu_config: TPUConfig) -> Runtime:
     if not use_tpu:
         from .torch_dist import TorchRuntime
 
-        return TorchRuntime(tpu_config.num_shards)
+        return TorchRuntime(tpu_config.num_shards, tpu_config.replica_timeout_secs)
     if tpu_config.strategy == "spmd":
         from .xla_spmd import XlaSpmdRuntime
 

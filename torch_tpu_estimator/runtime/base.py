@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -17,6 +18,16 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
+
+
+class Progress(enum.IntEnum):
+    """Where a replica is, for the watchdog of a launcher that runs several (Runtime.heartbeat)."""
+
+    STARTING = 0
+    INPUT = 1
+    MODEL_FN = 2
+    UPDATE = 3
+    HOST = 4
 
 
 class RecompilationError(RuntimeError):
@@ -149,10 +160,6 @@ class Runtime(abc.ABC):
         gathered = self.host_gather(values)
         return gathered[0] if len(gathered) == 1 else np.mean(gathered, axis=0)
 
-    def host_any(self, flag: bool) -> bool:
-        """True when any process's flag is true."""
-        return any(self.host_gather(flag))
-
     def stream(self, worker: Callable[[], Iterator[T]]) -> Iterator[T]:
         """Runs a generator `worker` in every replica process and yields the chief's items.
 
@@ -176,6 +183,11 @@ class Runtime(abc.ABC):
 
     def barrier(self, name: str) -> None:
         """Waits for every process to reach `name`."""
+
+    def heartbeat(self, progress: Progress, step: int) -> None:
+        """Tells the launcher's watchdog that this replica reached `progress` in step `step`
+        (counted from 1 in this call); a host-side store, never a device read, and a no-op
+        where no launcher watches."""
 
     def get_device_rng_state(self) -> int | None:
         """The device RNG seed where the device has its own RNG (XLA), else None."""

@@ -17,10 +17,13 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from .base import Progress
 
 T = TypeVar("T")
 
@@ -47,6 +50,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _child(rank: int, scratch: str, run: Callable[[int, str], Any], parent: int) -> None:
     code = 0
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the launcher's forwarding handler
     _die_with_parent(parent)
     try:
         result = run(rank, scratch)
@@ -130,10 +134,82 @@ def _autograd_device_threads() -> list[str]:
     return [name for name in names if name.startswith("pt_autograd_")]
 
 
-def launch_processes(num_processes: int, run: Callable[[int, str], T]) -> T:
-    """Runs run(rank, scratch_dir) in `num_processes` forked processes; returns rank 0's result.
+class Heartbeats:
+    """When each replica last showed progress, and where it was: shared memory written by the
+    replicas (a store of two numbers, no lock, no syscall) and read by the launcher's watchdog."""
+
+    PHASES = {Progress.STARTING: "starting", Progress.INPUT: "waiting for its input",
+              Progress.MODEL_FN: "in model_fn",
+              Progress.UPDATE: "in backward or the optimizer update",
+              Progress.HOST: "at a window end (host work, collectives, checkpoint)"}
+
+    def __init__(self, context: Any, count: int):
+        self._times = context.Array("d", [time.time()] * count, lock=False)
+        self._phases = context.Array("i", count, lock=False)
+        self._steps = context.Array("q", count, lock=False)
+
+    def beat(self, rank: int, phase: int, step: int) -> None:
+        self._phases[rank], self._steps[rank] = phase, step
+        self._times[rank] = time.time()
+
+    def silent_for(self) -> float:
+        """Seconds since the most recent progress of any replica."""
+        return time.time() - max(self._times)
+
+    def describe(self, rank: int, pid: int) -> str:
+        state = _process_state(pid)
+        stopped = ", its process is stopped (SIGSTOP or a debugger)" if state == "T" else ""
+        return (f"replica {rank} was last {self.PHASES[Progress(self._phases[rank])]} (step "
+                f"{self._steps[rank]}), {time.time() - self._times[rank]:.1f} s ago{stopped}")
+
+    def stalest(self) -> int:
+        """The replica whose last progress is oldest: the one the others wait for."""
+        return min(range(len(self._times)), key=lambda rank: self._times[rank])
+
+
+class ReplicaHungError(RuntimeError):
+    """No replica made progress for TPUConfig.replica_timeout_secs: one of them hangs."""
+
+
+def _process_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
+
+
+class _ForwardTerminate:
+    """While replicas run, SIGTERM to the launcher is passed on to them (they checkpoint and
+    end) instead of killing the launcher, whose death would SIGKILL them (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, processes: list[multiprocessing.Process]):
+        self.processes = processes
+        self.previous: Any = None
+
+    def __enter__(self) -> _ForwardTerminate:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._forward)
+        return self
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        for process in self.processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def launch_processes(num_processes: int, run: Callable[[int, str, Heartbeats], T],
+                     timeout_secs: float | None = None) -> T:
+    """Runs run(rank, scratch_dir, heartbeats) in `num_processes` forked processes; returns
+    rank 0's result.
 
     `scratch_dir` is a fresh directory the replicas share for the duration of the launch.
+    With `timeout_secs`, a watchdog ends the job with ReplicaHungError when no replica has
+    beaten its heartbeat for that long, naming the replica the others wait for.
     """
     if _autograd_device_threads():
         raise RuntimeError(
@@ -143,23 +219,41 @@ def launch_processes(num_processes: int, run: Callable[[int, str], T]) -> T:
             "or launch it with torchrun"
         )
     context = multiprocessing.get_context("fork")
+    heartbeats = Heartbeats(context, num_processes)
     with tempfile.TemporaryDirectory(prefix="torch_tpu_estimator-launch-") as scratch:
-        processes = [context.Process(target=_child, args=(rank, scratch, run, os.getpid()))
+        processes = [context.Process(target=_child, args=(rank, scratch, lambda rank, scratch:
+                                                          run(rank, scratch, heartbeats),
+                                                          os.getpid()))
                      for rank in range(num_processes)]
         try:
-            for process in processes:
-                process.start()
-            running = set(range(num_processes))
-            while running:
-                for rank in sorted(running):
-                    exitcode = processes[rank].exitcode
-                    if exitcode is None:
-                        continue
-                    running.discard(rank)
-                    if exitcode != 0:
-                        _raise_root_failure(scratch, processes)
-                time.sleep(_POLL_SECONDS)
+            with _ForwardTerminate(processes):
+                for process in processes:
+                    process.start()
+                _wait(processes, scratch, heartbeats, timeout_secs)
         finally:
             _stop(processes)
         with open(os.path.join(scratch, "result.pkl"), "rb") as handle:
             return pickle.load(handle)
+
+
+def _wait(processes: list[multiprocessing.Process], scratch: str, heartbeats: Heartbeats,
+          timeout_secs: float | None) -> None:
+    """Returns when every replica has exited cleanly; raises the root failure, or
+    ReplicaHungError when the replicas made no progress for `timeout_secs`."""
+    running = set(range(len(processes)))
+    while running:
+        for rank in sorted(running):
+            exitcode = processes[rank].exitcode
+            if exitcode is None:
+                continue
+            running.discard(rank)
+            if exitcode != 0:
+                _raise_root_failure(scratch, processes)
+        if timeout_secs is not None and running and heartbeats.silent_for() > timeout_secs:
+            stalest = heartbeats.stalest()
+            raise ReplicaHungError(
+                f"no replica made progress for {timeout_secs:g} s "
+                f"(TPUConfig.replica_timeout_secs): "
+                f"{heartbeats.describe(stalest, processes[stalest].pid)}; the others wait for "
+                "it. Every replica was stopped")
+        time.sleep(_POLL_SECONDS)

@@ -5,7 +5,9 @@ Several replicas come from one of two launchers:
     caller's process is one replica and every call runs in it, on every rank;
   - `TPUConfig(num_shards=N)` without torchrun: the estimator forks N CPU processes per call,
     joined by a gloo process group over a file store, and returns the chief's result.
-Gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on CUDA).
+Gradients are averaged by one all_reduce per step over a flat buffer in parameter order (gloo on
+CPU, nccl on CUDA): unlike DDP's buckets, its layout never changes, so a resumed run sums in the
+same order as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,15 +19,13 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..tree import map_tensors
-from .base import Runtime
-from .launcher import launch_processes
+from .base import Progress, Runtime
+from .launcher import Heartbeats, launch_processes
 
 T = TypeVar("T")
-
-_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def launched_world_size() -> int:
@@ -38,12 +38,41 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
 
 
+def reduce_gradients(parameters: list[torch.Tensor], world_size: int) -> None:
+    """Averages the parameters' gradients over every process, in one all_reduce of one flat
+    buffer laid out in parameter order, so that every step sums each element in the same order
+    (DDP re-buckets gradients after its first step, and with more than two processes the sums
+    then differ in the last bit between a run and its resumed copy). A presence flag per
+    parameter travels along: a gradient that no process has stays None, one that some process
+    lacks counts as zeros there."""
+    parameters = [parameter for parameter in parameters if parameter.requires_grad]
+    if not parameters:
+        return
+    has_grad = [parameter.grad is not None for parameter in parameters]
+    present = torch.tensor(has_grad, dtype=parameters[0].dtype, device=parameters[0].device)
+    grads = [parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+             for parameter in parameters]
+    flat = _flatten_dense_tensors([*grads, present])
+    dist.all_reduce(flat)
+    flat /= world_size
+    *reduced, anywhere = _unflatten_dense_tensors(flat, [*grads, present])
+    if not all(has_grad):  # read back only here: a process with every gradient never syncs
+        has_grad = [bool(flag) for flag in anywhere.tolist()]
+    for parameter, grad, value, keep in zip(parameters, grads, reduced, has_grad, strict=True):
+        if not keep:
+            parameter.grad = None
+        elif parameter.grad is None:
+            parameter.grad = value.clone()
+        else:
+            grad.copy_(value)
+
+
 class TorchRuntime(Runtime):
     """Eager PyTorch: in the caller's process, or over torch.distributed processes."""
 
     name = "torch"
 
-    def __init__(self, num_shards: int | None = None):
+    def __init__(self, num_shards: int | None = None, timeout_secs: float = 1800.0):
         launched = launched_world_size()
         if launched > 1 and num_shards not in (None, launched):
             raise ValueError(f"num_shards={num_shards} differs from WORLD_SIZE={launched} set by "
@@ -57,6 +86,8 @@ class TorchRuntime(Runtime):
             )
         self._rank = launched_rank()
         self._device = self._pick_device()
+        self._timeout_secs = timeout_secs
+        self._heartbeats: Heartbeats | None = None
 
     def _pick_device(self) -> torch.device:
         if not torch.cuda.is_available():
@@ -71,16 +102,22 @@ class TorchRuntime(Runtime):
                 if self._device.type == "cuda":
                     torch.cuda.set_device(self._device)
                 dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo",
-                                        timeout=_COLLECTIVE_TIMEOUT)
+                                        timeout=datetime.timedelta(seconds=self._timeout_secs))
             return worker()
-        return launch_processes(self.num_processes, lambda rank, scratch: self._forked(
-            rank, scratch, worker))
+        return launch_processes(
+            self.num_processes,
+            lambda rank, scratch, heartbeats: self._forked(rank, scratch, heartbeats, worker),
+            timeout_secs=self._timeout_secs)
 
-    def _forked(self, rank: int, scratch: str, worker: Callable[[], T]) -> T:
-        self._rank = rank
+    def _forked(self, rank: int, scratch: str, heartbeats: Heartbeats,
+                worker: Callable[[], T]) -> T:
+        self._rank, self._heartbeats = rank, heartbeats
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.num_processes))
+        # the launcher's watchdog names a hung replica after timeout_secs; the collectives'
+        # own timeout comes later, as a backstop
         dist.init_process_group("gloo", init_method=f"file://{scratch}/store", rank=rank,
-                                world_size=self.num_processes, timeout=_COLLECTIVE_TIMEOUT)
+                                world_size=self.num_processes,
+                                timeout=datetime.timedelta(seconds=2 * self._timeout_secs))
         result = worker()  # on an error the group is left to die with the process, so that
         dist.destroy_process_group()  # peers see no disconnect before the error is reported
         return result
@@ -98,11 +135,7 @@ class TorchRuntime(Runtime):
         return self._rank
 
     def prepare_model(self, model: torch.nn.Module, training: bool) -> torch.nn.Module:
-        model = model.to(self._device)
-        if training and self.num_processes > 1:
-            device_ids = [self._device.index] if self._device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=device_ids)
-        return model
+        return model.to(self._device)
 
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
         non_blocking = self._device.type == "cuda"
@@ -110,7 +143,10 @@ class TorchRuntime(Runtime):
             yield map_tensors(lambda t: t.to(self._device, non_blocking=non_blocking), batch)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()  # DDP averaged the gradients during backward
+        if self.num_processes > 1:
+            reduce_gradients([parameter for group in optimizer.param_groups
+                              for parameter in group["params"]], self.num_processes)
+        optimizer.step()
 
     def to_host(self, tree: Any) -> Any:
         return map_tensors(lambda t: t.detach().cpu(), tree)
@@ -125,3 +161,7 @@ class TorchRuntime(Runtime):
     def barrier(self, name: str) -> None:
         if self.num_processes > 1:
             dist.barrier()
+
+    def heartbeat(self, progress: Progress, step: int) -> None:
+        if self._heartbeats is not None:
+            self._heartbeats.beat(self._rank, progress, step)

@@ -1,0 +1,37 @@
+"""Names read from disk, turned into paths that stay inside their folder.
+
+Every name that comes from a file (a checkpoint index entry, an export's batch sizes, its
+assets list) is untrusted: `../x` or `/abs/x` would make a reader touch, rename or delete a
+file outside the folder it is reading. These checks run before any such name becomes a path.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def plain_name(name: object, what: str) -> str:
+    """`name` when it is a plain file name (no separator, not `.`/`..`, not absolute, no NUL);
+    else a ValueError naming it and `what` it came from."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\0" in name or os.path.isabs(name)):
+        raise ValueError(f"{what} names {name!r}, which is not a plain file name inside its "
+                         "folder (no path separator, '..' or absolute path): refused, nothing "
+                         "was touched")
+    return name
+
+
+def relative_inside(name: object, what: str) -> str:
+    """`name` normalized when it is a relative path that stays inside its folder (it may hold
+    subfolders); else a ValueError naming it."""
+    if isinstance(name, str) and name and "\0" not in name:
+        normalized = os.path.normpath(name)
+        if not os.path.isabs(normalized) and normalized != "." and \
+                normalized.split(os.sep)[0] != "..":
+            return normalized
+    raise ValueError(f"{what} names {name!r}: it must be a relative file path inside its folder")
+
+
+def child(folder: str, name: object, what: str) -> str:
+    """The path of plain file `name` inside `folder`."""
+    return os.path.join(folder, plain_name(name, what))
