@@ -36,8 +36,8 @@ def uneven_shards(params):
 
 def final_state(estimator):
     state = torch.load(estimator.latest_checkpoint(), weights_only=True)
-    return {"model": state["model"], "optimizer": state["optimizer"]["state"],
-            "positions": state["input_positions"]}
+    return {"model": state["model"], "optimizer": state["optimizers"]["default"]["state"],
+            "positions": state["input"]}
 
 def same(a, b):
     if isinstance(a, torch.Tensor):

@@ -11,7 +11,7 @@ from helpers import make_data, make_estimator, model_fn, read_scalars
 
 from torch_tpu_estimator import (
     EarlyStopping,
-    EvalHook,
+    Hook,
     KeepBestCheckpoint,
     ModeKeys,
     TPUEstimatorSpec,
@@ -19,15 +19,14 @@ from torch_tpu_estimator import (
 )
 
 
-class Scripted(EvalHook):
+class Scripted(Hook):
     """Replaces the measured loss by a scripted sequence, so the hooks' decisions are known."""
 
     def __init__(self, losses):
         self.losses = list(losses)
 
-    def after_evaluation(self, results, checkpoint_path):
+    def after_evaluation(self, context, results, checkpoint_path):
         results["loss"] = self.losses.pop(0)
-        return True
 
 
 def test_train_and_evaluate_keeps_the_best_and_stops_early(tmp_path):

@@ -71,11 +71,12 @@ def test_resume_equals_uninterrupted_run(tmp_path, use_tpu):
     assert split_state["global_step"] == whole_state["global_step"] == 20
     for name, value in whole_state["model"].items():
         assert torch.equal(split_state["model"][name], value), name
-    for index, slots in whole_state["optimizer"]["state"].items():
+    for index, slots in whole_state["optimizers"]["default"]["state"].items():
         for slot, value in slots.items():
-            assert torch.equal(split_state["optimizer"]["state"][index][slot], value), (index, slot)
-    assert split_state["scheduler"] == whole_state["scheduler"]
-    assert split_state["input_positions"] == whole_state["input_positions"] == {
+            assert torch.equal(split_state["optimizers"]["default"]["state"][index][slot],
+                               value), (index, slot)
+    assert split_state["schedulers"] == whole_state["schedulers"]
+    assert split_state["input"] == whole_state["input"] == {
         "host": {"epoch": 2, "batch": 6}}
 
 
@@ -243,11 +244,11 @@ def test_saving_listeners_see_every_checkpoint(tmp_path):
         def __init__(self):
             self.events = []
 
-        def before_save(self, global_step):
-            self.events.append(("before", global_step))
+        def before_save(self, context):
+            self.events.append(("before", context.global_step))
 
-        def after_save(self, global_step, path):
-            self.events.append(("after", global_step, path.rsplit("/", 1)[-1]))
+        def after_save(self, context, path):
+            self.events.append(("after", context.global_step, path.rsplit("/", 1)[-1]))
 
     listener = Listener()
     estimator = make_estimator(tmp_path, save_checkpoints_steps=4)

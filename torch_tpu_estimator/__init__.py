@@ -1,6 +1,6 @@
 """TensorFlow's TPUEstimator pattern for PyTorch/XLA: write model_fn and input_fn, then train."""
 
-from .config import InputPipelineConfig, RunConfig, TPUConfig
+from .config import InputPipelineConfig, RunConfig, TPUConfig, UpdateConfig
 from .estimator import TPUEstimator
 from .hooks import (
     CheckpointSaverListener,
@@ -12,34 +12,41 @@ from .hooks import (
     StopAtStepHook,
     Window,
 )
+from .locking import ModelDirInUseError
 from .runtime.base import RecompilationError, ReplicaContext
-from .schedule import EarlyStopping, EvalHook, KeepBestCheckpoint, train_and_evaluate
+from .runtime.launcher import ReplicaFailedError, ReplicaHungError
+from .schedule import EarlyStopping, KeepBestCheckpoint, train_and_evaluate
 from .spec import EstimatorSpec, ModeKeys, TPUEstimatorSpec
+from .update import UpdateStep
 
 __all__ = [
-    "EarlyStopping",
-    "EvalHook",
-    "KeepBestCheckpoint",
-    "train_and_evaluate",
     "CheckpointSaverListener",
+    "EarlyStopping",
     "EstimatorSpec",
     "ExportedModel",
     "Hook",
     "InputPipelineConfig",
+    "KeepBestCheckpoint",
     "LoggingHook",
     "ModeKeys",
+    "ModelDirInUseError",
     "NanLossDuringTrainingError",
     "NanLossGuard",
     "RecompilationError",
     "ReplicaContext",
+    "ReplicaFailedError",
+    "ReplicaHungError",
     "RunConfig",
     "RunContext",
     "StopAtStepHook",
     "TPUConfig",
     "TPUEstimator",
     "TPUEstimatorSpec",
+    "UpdateConfig",
+    "UpdateStep",
     "Window",
     "load_exported",
+    "train_and_evaluate",
 ]
 
 

@@ -290,11 +290,12 @@ def _set_aside(model_dir: str, index: dict[str, str | None], new_name: str
     return intact
 
 
-def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None) -> str:
-    """Writes `state` as the checkpoint of state["global_step"] and keeps the newest ones."""
+def save_checkpoint(model_dir: str, global_step: int, state: dict,
+                    keep_checkpoint_max: int | None) -> str:
+    """Writes `state` as the checkpoint of `global_step` and keeps the newest ones."""
     os.makedirs(model_dir, exist_ok=True)
     _remove_stale_temporaries(model_dir)
-    name = checkpoint_name(state["global_step"])
+    name = checkpoint_name(global_step)
     index = _set_aside(model_dir, _read_index(model_dir), name)
     path = os.path.join(model_dir, name)
     digest = atomic_write(path, lambda handle: torch.save(state, handle))
@@ -305,28 +306,14 @@ def save_checkpoint(model_dir: str, state: dict, keep_checkpoint_max: int | None
     _write_index(model_dir, {kept_name: index[kept_name] for kept_name in kept})
     for old in names[: len(names) - len(kept)]:
         os.remove(os.path.join(model_dir, old))
-    logger.info("Saved checkpoint for step %d into %s", state["global_step"], path)
+    logger.info("Saved checkpoint for step %d into %s", global_step, path)
     return path
 
 
-def _checked_state(state: Any, path: str) -> dict:
-    """A loaded checkpoint after checking the keys every reader relies on."""
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{path!r} is not a torch_tpu_estimator checkpoint: it holds no "
-                         "'model' state dict")
-    step = state.get("global_step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"checkpoint {path!r} has global_step {step!r}: expected an int >= 0")
-    for name, value in state["model"].items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint {path!r} holds {name!r} of type "
-                             f"{type(value).__name__} in its model state: expected tensors")
-    return state
-
-
-def load_checkpoint(path: str) -> dict:
-    """Reads a checkpoint into CPU memory (torch.load's weights-only reader: plain tensors and
-    Python values, never arbitrary objects) and checks its layout."""
+def load_checkpoint(path: str) -> Any:
+    """Reads a checkpoint file into CPU memory with torch.load's weights-only reader (plain
+    tensors and Python values, never arbitrary objects); run_state.Checkpoint checks what it
+    holds."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     try:
@@ -336,7 +323,7 @@ def load_checkpoint(path: str) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise ValueError(f"checkpoint {path!r} cannot be read (truncated, corrupt or not "
                          f"readable): {error}") from error
-    return _checked_state(state, path)
+    return state
 
 
 def resolve_checkpoint_path(path: str) -> str:

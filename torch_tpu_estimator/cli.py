@@ -12,7 +12,8 @@ import sys
 from collections.abc import Iterable
 
 from .bundle import DATA_DIR, read_array_header, regular_files
-from .checkpoint import INDEX_NAME, load_checkpoint, resolve_checkpoint_path
+from .checkpoint import INDEX_NAME, resolve_checkpoint_path
+from .run_state import Checkpoint
 from .signature import STABLEHLO_DIR, dtype_name, newest_export, read_signature
 
 
@@ -24,14 +25,16 @@ def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> li
 
 def describe_checkpoint(path: str) -> list[str]:
     """Step, saved state and variables of one checkpoint file."""
-    state = load_checkpoint(path)
+    saved = Checkpoint.load(path)
+    weights = saved.model_weights
     variables = [(name, dtype_name(value.dtype), tuple(value.shape))
-                 for name, value in state["model"].items()]
-    size = sum(value.numel() for value in state["model"].values())
-    lines = [f"checkpoint: {path}", f"global_step: {state['global_step']}",
-             f"optimizer state: {'yes' if state.get('optimizer') else 'no'}, "
-             f"lr scheduler state: {'yes' if state.get('scheduler') else 'no'}"]
-    for key, position in sorted((state.get("input_positions") or {}).items()):
+                 for name, value in weights.items()]
+    size = sum(value.numel() for value in weights.values())
+    lines = [f"checkpoint: {path}", f"global_step: {saved.global_step}",
+             f"optimizers: {', '.join(saved.optimizer_names) or 'none'}; lr schedulers: "
+             f"{', '.join(saved.scheduler_names) or 'none'}; EMA of the weights: "
+             f"{'yes' if saved.ema_weights is not None else 'no'}"]
+    for key, position in sorted(saved.input_positions.items()):
         lines.append(f"input position {key!r}: pass {position['epoch']}, batch {position['batch']}")
     lines.append(f"variables ({len(variables)}, {size} values):")
     return lines + _variable_lines(variables)

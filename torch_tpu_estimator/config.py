@@ -137,8 +137,45 @@ class TPUConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """How the estimator's training update is built (update.py).
+
+    clip_global_norm: clips the gradients of each optimizer's parameters to this global L2
+      norm, after they are averaged over replicas (tf.clip_by_global_norm).
+    accumulation_steps: k > 1 splits every global batch into k micro-batches, runs model_fn and
+      backward on each inside one compiled step, and updates once with their mean gradient:
+      the update of one batch of train_batch_size, in k times less activation memory.
+      train_batch_size must divide by k times the replica count.
+    ema_decay: keeps an exponential moving average of the weights, updated after every step
+      (ema = decay * ema + (1 - decay) * weights) and stored in checkpoints.
+    ema_for_inference: evaluate, predict and export use the averaged weights when ema_decay
+      is set.
+    """
+
+    clip_global_norm: float | None = None
+    accumulation_steps: int = 1
+    ema_decay: float | None = None
+    ema_for_inference: bool = True
+
+    def __post_init__(self) -> None:
+        clip = self.clip_global_norm
+        _require(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool)
+                                  and clip > 0),
+                 f"clip_global_norm must be a positive number or None, got {clip!r}")
+        _positive_int_or_none("accumulation_steps", self.accumulation_steps)
+        _require(self.accumulation_steps is not None,
+                 "accumulation_steps must be a positive int, got None")
+        decay = self.ema_decay
+        _require(decay is None or (isinstance(decay, float) and 0.0 < decay < 1.0),
+                 f"ema_decay must be a float in (0, 1) or None, got {decay!r}")
+        _require(isinstance(self.ema_for_inference, bool),
+                 f"ema_for_inference must be a bool, got {self.ema_for_inference!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Where a run writes and how often: checkpoints, summaries, logs, and the seed."""
+    """Where a run writes and how often (checkpoints, summaries, logs), the seed, and how
+    replicas, input and the update step are set up."""
 
     model_dir: str | None = None
     save_checkpoints_steps: int | None = 100
@@ -148,6 +185,7 @@ class RunConfig:
     seed: int = 0
     tpu_config: TPUConfig = dataclasses.field(default_factory=TPUConfig)
     input_config: InputPipelineConfig = dataclasses.field(default_factory=InputPipelineConfig)
+    update_config: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -168,6 +206,10 @@ class RunConfig:
         _require(
             isinstance(self.input_config, InputPipelineConfig),
             f"input_config must be an InputPipelineConfig, got {type(self.input_config).__name__}",
+        )
+        _require(
+            isinstance(self.update_config, UpdateConfig),
+            f"update_config must be an UpdateConfig, got {type(self.update_config).__name__}",
         )
 
     def replace(self, **changes) -> RunConfig:

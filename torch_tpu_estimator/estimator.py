@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -16,23 +15,23 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import checkpoint, preemption, summary
-from .config import RunConfig, TPUConfig
-from .hooks import CheckpointSaverListener, Hook
+from .binding import INPUT_FN_ARGUMENTS, MODEL_FN_ARGUMENTS, bind
+from .config import RunConfig
+from .context import RESERVED_PARAMS, ModeContext
+from .hooks import Hook
 from .inference import evaluate_replica, predict_replica
-from .job import InputFn, Job, ModelFn
-from .logs import replica_logging
-from .loops import train_replica
+from .job import InputFn, Job, ModelInitFn, OptimizerFn
 from .paths import relative_inside
-from .runtime import Runtime, resolve_runtime
-from .runtime.base import ReplicaContext
+from .run_state import Checkpoint, RunState
+from .runtime import Launcher, Topology, resolve_launcher
+from .runtime.torch_dist import TorchLauncher, cpu_replica
 from .signature import DEFAULT_SERVING_BATCH_SIZES, named_rows
 from .spec import ModeKeys
-from .training_state import ModelInitFn, OptimizerFn, build_module, load_model_weights
+from .train import train_replica
 
 logger = logging.getLogger("torch_tpu_estimator")
 T = TypeVar("T")
 
-RESERVED_PARAMS = ("batch_size", "context", "use_tpu")
 _MODE_NAMES = {ModeKeys.TRAIN: "train", ModeKeys.EVAL: "eval", ModeKeys.PREDICT: "predict"}
 
 
@@ -54,57 +53,6 @@ def _check_instances(name: str, values: Sequence[Any] | None, kind: type) -> lis
         if not isinstance(value, kind):
             raise TypeError(f"{name} must hold {kind.__name__} instances, got {type(value).__name__}")
     return values
-
-
-def _portable_state(hook: Any) -> dict | None:
-    """A hook's attributes when they pickle (to travel from a replica process), else None."""
-    try:
-        return pickle.loads(pickle.dumps(vars(hook)))
-    except Exception:
-        logger.warning("%s's attributes do not pickle: they stay in the replica process",
-                       type(hook).__name__)
-        return None
-
-
-def _as_replica(runtime: Runtime, work: Callable[[], T]) -> T:
-    """Runs `work` in a replica process, which logs progress only if it is the chief."""
-    with replica_logging(runtime.is_chief):
-        return work()
-
-
-def _replica_items(runtime: Runtime, items: Callable[[], Iterator[T]]) -> Iterator[T]:
-    """_as_replica for a generator: its logging rule holds while the items are produced."""
-    with replica_logging(runtime.is_chief):
-        yield from items()
-
-
-def _on_chief_only(runtime: Runtime, work: Callable[[], T]) -> T:
-    """`work`'s result on every process of a job whose processes all called it (torchrun
-    ranks), computed by the chief alone; its error, if any, is raised everywhere."""
-    outcome = None
-    if runtime.is_chief:
-        try:
-            outcome = ("result", work())
-        except Exception as error:
-            runtime.host_gather(("error", f"{type(error).__name__}: {error}"))
-            raise
-    kind, value = runtime.host_gather(outcome)[0]
-    if kind == "error":
-        raise RuntimeError(f"the chief (rank 0) failed: {value}")
-    return value
-
-
-def _launch_with_hooks(runtime: Runtime, work: Callable[[], T], hooks: Sequence[Any]) -> T:
-    """Runs `work` on every replica. Hooks run in the replica processes, so when those are not
-    the caller's, the chief's hooks' attributes are copied back into the caller's hook objects."""
-    if runtime.caller_is_replica or not hooks:
-        return runtime.launch(lambda: _as_replica(runtime, work))
-    result, states = runtime.launch(lambda: (_as_replica(runtime, work), [
-        _portable_state(hook) if runtime.is_chief else None for hook in hooks]))
-    for hook, state in zip(hooks, states, strict=True):
-        if state is not None:
-            vars(hook).update(state)
-    return result
 
 
 def _check_batch_sizes(batch_sizes: Any) -> tuple[int, ...]:
@@ -135,6 +83,11 @@ def _check_assets_extra(assets_extra: Mapping[str, str] | None) -> dict[str, str
     return checked
 
 
+def _check_divisible(name: str, size: int | None, count: int, what: str = "replicas") -> None:
+    if size is not None and size % count:
+        raise ValueError(f"{name}={size} is not divisible by the number of {what} ({count})")
+
+
 def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
     if model_dir and config.model_dir and os.path.abspath(model_dir) != os.path.abspath(config.model_dir):
         raise ValueError(
@@ -155,15 +108,18 @@ def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
 class TPUEstimator:
     """Trains a model_fn on XLA devices (use_tpu=True) or plain PyTorch (use_tpu=False).
 
-    model_fn(model, features, labels, mode, params) returns a TPUEstimatorSpec; model_init_fn
-    (params) builds the torch.nn.Module once per replica; optimizer_fn(model, params) returns an
-    optimizer or (optimizer, lr_scheduler). Batch sizes are global: `params["batch_size"]` holds
-    the per-replica batch in model_fn and the per-input-pipeline batch in input_fn.
+    model_fn's arguments are bound by name (binding.py): `features`, `labels`, `mode`,
+    `params`, `config`, `model` (the module built by model_init_fn) and `update` (the update
+    step, update.py); it returns a TPUEstimatorSpec. model_init_fn(params) builds the
+    torch.nn.Module once per replica; optimizer_fn(model, params) returns an optimizer,
+    (optimizer, lr_scheduler), or a dict of name -> either. Batch sizes are global:
+    `params["batch_size"]` holds the per-replica batch in model_fn and the per-input-pipeline
+    batch in input_fn.
     """
 
     def __init__(
         self,
-        model_fn: ModelFn | None = None,
+        model_fn: Callable[..., Any] | None = None,
         model_dir: str | None = None,
         config: RunConfig | None = None,
         params: dict | None = None,
@@ -181,6 +137,7 @@ class TPUEstimator:
         _check_callable("model_fn", model_fn)
         _check_callable("model_init_fn", model_init_fn)
         _check_callable("optimizer_fn", optimizer_fn, required=False)
+        model_fn_binding = bind(model_fn, "model_fn", MODEL_FN_ARGUMENTS)
         config = RunConfig() if config is None else config
         if not isinstance(config, RunConfig):
             raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
@@ -205,27 +162,29 @@ class TPUEstimator:
                 f"warm_start_from must be a checkpoint path or a model_dir, got "
                 f"{type(warm_start_from).__name__}"
             )
-        self._runtime: Runtime = resolve_runtime(use_tpu, config.tpu_config)
-        self._batch_sizes = {}
+        self._launcher: Launcher = resolve_launcher(use_tpu, config.tpu_config)
+        self._eval_launcher = self._launcher if eval_on_tpu else TorchLauncher(
+            timeout_secs=config.tpu_config.replica_timeout_secs)
+        accumulation = config.update_config.accumulation_steps
+        batch_sizes = {}
         for mode, size in ((ModeKeys.TRAIN, train_batch_size), (ModeKeys.EVAL, eval_batch_size),
                            (ModeKeys.PREDICT, predict_batch_size)):
             name = f"{_MODE_NAMES[mode]}_batch_size"
             _check_positive_int(name, size)
-            replicas = self._runtime.num_replicas
-            if size is not None and size % replicas:
-                raise ValueError(
-                    f"{name}={size} is not divisible by the number of replicas ({replicas})"
-                )
-            self._batch_sizes[mode] = size
+            topology = self._eval_launcher.topology if mode == ModeKeys.EVAL else \
+                self._launcher.topology
+            _check_divisible(name, size, topology.num_replicas)
+            if mode == ModeKeys.TRAIN and accumulation > 1:
+                _check_divisible(name, size, topology.num_replicas * accumulation,
+                                 "replicas x UpdateConfig.accumulation_steps")
+            batch_sizes[mode] = size
         self._model_dir = _resolve_model_dir(model_dir, config)
         self._config = config.replace(model_dir=self._model_dir)
+        self._job = Job(model_fn=model_fn_binding, model_init_fn=model_init_fn,
+                        optimizer_fn=optimizer_fn, params=params, config=self._config,
+                        model_dir=self._model_dir, batch_sizes=batch_sizes,
+                        warm_start_from=warm_start_from)
         self._model_fn = model_fn
-        self._model_init_fn = model_init_fn
-        self._optimizer_fn = optimizer_fn
-        self._params = params
-        self._use_tpu = use_tpu
-        self._eval_on_tpu = eval_on_tpu
-        self._warm_start_from = warm_start_from
 
     @property
     def config(self) -> RunConfig:
@@ -237,28 +196,26 @@ class TPUEstimator:
 
     @property
     def params(self) -> dict:
-        return dict(self._params)
+        return dict(self._job.params)
 
     @property
-    def model_fn(self) -> ModelFn:
+    def model_fn(self) -> Callable[..., Any]:
         return self._model_fn
 
     @property
-    def runtime(self) -> Runtime:
-        return self._runtime
+    def topology(self) -> Topology:
+        """The replicas train and predict run on, as known before any starts."""
+        return self._launcher.topology
 
-    def _job(self, mode: str) -> Job:
-        return Job(
-            model_fn=self._model_fn,
-            model_init_fn=self._model_init_fn,
-            optimizer_fn=self._optimizer_fn,
-            params=self._params,
-            config=self._config,
-            model_dir=self._model_dir,
-            use_tpu=self._use_tpu,
-            global_batch_size=self._batch_sizes[mode],
-            warm_start_from=self._warm_start_from,
-        )
+    @property
+    def caller_is_chief(self) -> bool:
+        """Whether this process speaks for the job (False on torchrun ranks other than 0)."""
+        return self._launcher.caller_is_chief
+
+    def _require_batch_size(self, mode: str) -> None:
+        if self._job.batch_sizes[mode] is None:
+            raise ValueError(f"{_MODE_NAMES[mode]}_batch_size must be set in the constructor to "
+                             f"{_MODE_NAMES[mode]}")
 
     def train(
         self,
@@ -266,7 +223,7 @@ class TPUEstimator:
         hooks: Sequence[Hook] | None = None,
         steps: int | None = None,
         max_steps: int | None = None,
-        saving_listeners: Sequence[CheckpointSaverListener] | None = None,
+        saving_listeners: Sequence[Hook] | None = None,
     ) -> TPUEstimator:
         """Trains: `steps` more steps, or up to global step `max_steps`, or until input ends.
 
@@ -274,21 +231,19 @@ class TPUEstimator:
         raises SystemExit(143); the same call, run again, continues from there (preemption.py).
         """
         _check_callable("input_fn", input_fn)
+        bind(input_fn, "input_fn", INPUT_FN_ARGUMENTS, params_alone=True)
         if steps is not None and max_steps is not None:
             raise ValueError("Can not provide both steps and max_steps")
         _check_positive_int("steps", steps)
         _check_positive_int("max_steps", max_steps)
-        if self._batch_sizes[ModeKeys.TRAIN] is None:
-            raise ValueError("train_batch_size must be set in the constructor to train")
-        if self._optimizer_fn is None:
+        self._require_batch_size(ModeKeys.TRAIN)
+        if self._job.optimizer_fn is None:
             raise ValueError("optimizer_fn must be given in the constructor to train")
-        hooks = _check_instances("hooks", hooks, Hook)
-        listeners = _check_instances("saving_listeners", saving_listeners, CheckpointSaverListener)
-        job = self._job(ModeKeys.TRAIN)
-        runtime = self._runtime
-        outcome = _launch_with_hooks(
-            runtime, lambda: train_replica(job, runtime, input_fn, hooks, steps, max_steps,
-                                           listeners), [*hooks, *listeners])
+        hooks = [*_check_instances("hooks", hooks, Hook),
+                 *_check_instances("saving_listeners", saving_listeners, Hook)]
+        job = self._job
+        outcome = self._launcher.run(
+            lambda replica: train_replica(job, replica, input_fn, hooks, steps, max_steps), hooks)
         if outcome.preempted:
             raise SystemExit(preemption.EXIT_STATUS)
         return self
@@ -304,12 +259,12 @@ class TPUEstimator:
             )
         return latest
 
-    def _inference_job(self, mode: str, input_fn: InputFn, hooks: Sequence[Hook] | None) -> tuple:
+    def _check_inference(self, mode: str, input_fn: InputFn, hooks: Sequence[Hook] | None
+                         ) -> list[Hook]:
         _check_callable("input_fn", input_fn)
-        if self._batch_sizes[mode] is None:
-            raise ValueError(f"{_MODE_NAMES[mode]}_batch_size must be set in the constructor to "
-                             f"{_MODE_NAMES[mode]}")
-        return self._job(mode), _check_instances("hooks", hooks, Hook)
+        bind(input_fn, "input_fn", INPUT_FN_ARGUMENTS, params_alone=True)
+        self._require_batch_size(mode)
+        return _check_instances("hooks", hooks, Hook)
 
     def evaluate(
         self,
@@ -324,14 +279,14 @@ class TPUEstimator:
         Returns the metrics of eval_metrics, `loss` (the mean over real examples) and
         `global_step`, and writes them to `eval_dir(name)`.
         """
-        job, hooks = self._inference_job(ModeKeys.EVAL, input_fn, hooks)
+        hooks = self._check_inference(ModeKeys.EVAL, input_fn, hooks)
         _check_positive_int("steps", steps)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         path = self._checkpoint_to_use(checkpoint_path)
-        runtime = self._runtime if self._eval_on_tpu else resolve_runtime(False, TPUConfig())
-        return _launch_with_hooks(
-            runtime, lambda: evaluate_replica(job, runtime, input_fn, steps, hooks, path, name),
+        job = self._job
+        return self._eval_launcher.run(
+            lambda replica: evaluate_replica(job, replica, input_fn, steps, hooks, path, name),
             hooks)
 
     def predict(
@@ -346,14 +301,14 @@ class TPUEstimator:
 
         Each item is a dict of CPU tensors (or a tensor when model_fn's predictions is one).
         """
-        job, hooks = self._inference_job(ModeKeys.PREDICT, input_fn, hooks)
+        hooks = self._check_inference(ModeKeys.PREDICT, input_fn, hooks)
         if predict_keys is not None and (isinstance(predict_keys, str) or not all(
                 isinstance(key, str) for key in predict_keys)):
             raise TypeError("predict_keys must be a list of str")
         path = self._checkpoint_to_use(checkpoint_path)
-        runtime = self._runtime
-        return runtime.stream(lambda: _replica_items(runtime, lambda: predict_replica(
-            job, runtime, input_fn, predict_keys, hooks, path, yield_single_examples)))
+        job = self._job
+        return self._launcher.stream(lambda replica: predict_replica(
+            job, replica, input_fn, predict_keys, hooks, path, yield_single_examples))
 
     def export_saved_model(
         self,
@@ -371,7 +326,7 @@ class TPUEstimator:
         returns them. model_fn is traced in PREDICT mode once per batch size in `batch_sizes`;
         its `export_outputs`, else its `predictions`, are the outputs. `assets_extra` maps a
         path inside `assets.extra/` to the file copied there. The layout is in export.py;
-        `load_exported` serves it.
+        `load_exported` serves it. Under torchrun the chief exports and every rank gets the path.
         """
         if not isinstance(export_dir_base, (str, os.PathLike)):
             raise TypeError(f"export_dir_base must be a path, got {type(export_dir_base).__name__}")
@@ -392,45 +347,41 @@ class TPUEstimator:
         if next(iter(inputs.values())).shape[0] == 0:
             raise ValueError("example features have no rows: give at least one example")
         path = self._checkpoint_to_use(checkpoint_path)
-        params = {**self._params, "batch_size": sizes[-1], "use_tpu": self._use_tpu,
-                  "context": ReplicaContext(0, 1, 0, 1, device="cpu", mode=ModeKeys.PREDICT)}
 
         def export() -> str:
-            model = build_module(self._model_init_fn, params, self._config.seed)
-            state = checkpoint.load_checkpoint(path)
-            load_model_weights(model, state["model"], path)
-            return export_model(self._model_fn, model.eval(), params, inputs, features_is_dict,
-                                sizes, export_dir_base, path, state["global_step"], assets,
+            ctx = ModeContext(self._job, cpu_replica(), ModeKeys.PREDICT)
+            state = RunState.build(ctx, batch_size=sizes[-1])
+            saved = Checkpoint.load(path)
+            state.load_inference_weights(saved)
+            return export_model(ctx, state.model.eval(), inputs, features_is_dict, sizes,
+                                export_dir_base, path, saved.global_step, assets,
                                 as_tf_saved_model)
 
-        runtime = self._runtime
-        if not (runtime.caller_is_replica and runtime.num_processes > 1):
-            return export()
-        return runtime.launch(lambda: _on_chief_only(runtime, export))
+        return self._launcher.run_on_chief(export)
 
     def latest_checkpoint(self) -> str | None:
         """Path of the newest intact checkpoint in model_dir, or None; a damaged newer one is
         reported in a warning and skipped (see checkpoint.py)."""
         return checkpoint.latest_checkpoint(self._model_dir)
 
-    def _latest_state(self) -> dict:
+    def _latest(self) -> Checkpoint:
         path = self.latest_checkpoint()
         if path is None:
             raise ValueError(f"model_dir {self._model_dir!r} holds no checkpoint yet")
-        return checkpoint.load_checkpoint(path)
+        return Checkpoint.load(path)
 
     def get_variable_names(self) -> list[str]:
         """Names of the model's tensors in the latest checkpoint, and `global_step`."""
-        return sorted([*self._latest_state()["model"], "global_step"])
+        return sorted([*self._latest().model_weights, "global_step"])
 
     def get_variable_value(self, name: str) -> np.ndarray:
         """Value of one tensor of the latest checkpoint, as a NumPy array."""
-        state = self._latest_state()
+        saved = self._latest()
         if name == "global_step":
-            return np.asarray(state["global_step"])
-        if name not in state["model"]:
-            raise ValueError(f"no variable {name!r} in {self.latest_checkpoint()}")
-        return state["model"][name].numpy()
+            return np.asarray(saved.global_step)
+        if name not in saved.model_weights:
+            raise ValueError(f"no variable {name!r} in {saved.path}")
+        return saved.model_weights[name].numpy()
 
     def eval_dir(self, name: str | None = None) -> str:
         """Where evaluation `name` writes its summaries."""

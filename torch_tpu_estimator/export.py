@@ -23,15 +23,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-from unittest import mock
 
 import torch
-import torch_xla
-import torch_xla.core.xla_model as xm
 from torch_xla import stablehlo
 
+from . import xla_compat
 from .checkpoint import fsync_path
+from .context import ModeContext
 from .locking import hold_directory, remove_if_abandoned
 from .signature import (
     ASSETS_EXTRA_DIR,
@@ -44,7 +42,6 @@ from .signature import (
     TensorSpec,
     hlo_path,
 )
-from .spec import ModeKeys, validate_spec
 
 logger = logging.getLogger("torch_tpu_estimator")
 _TEMP_PREFIX = ".tmp-export-"
@@ -57,12 +54,11 @@ class _ServingModule(torch.nn.Module):
     model_fn gave (or `predictions` for one tensor); `params["batch_size"]` is the traced batch.
     """
 
-    def __init__(self, model_fn: Callable[..., Any], model: torch.nn.Module, params: dict,
-                 input_names: Sequence[str], features_is_dict: bool):
+    def __init__(self, ctx: ModeContext, model: torch.nn.Module, input_names: Sequence[str],
+                 features_is_dict: bool):
         super().__init__()
         self.model = model
-        self._model_fn = model_fn
-        self._params = params
+        self._ctx = ctx
         self._input_names = list(input_names)
         self._features_is_dict = features_is_dict
 
@@ -71,9 +67,8 @@ class _ServingModule(torch.nn.Module):
         """model_fn's outputs by name, and whether model_fn gave a dict."""
         features = dict(zip(self._input_names, tensors, strict=True)) \
             if self._features_is_dict else tensors[0]
-        params = {**self._params, "batch_size": tensors[0].shape[0]}
-        spec = validate_spec(self._model_fn(self.model, features, None, ModeKeys.PREDICT, params),
-                             ModeKeys.PREDICT)
+        spec = self._ctx.call_model_fn(self.model, features, None,
+                                       self._ctx.model_params(batch_size=tensors[0].shape[0]))
         outputs = spec.export_outputs if spec.export_outputs is not None else spec.predictions
         is_dict = isinstance(outputs, Mapping)
         named = dict(outputs) if is_dict else {TENSOR_PREDICTIONS: outputs}
@@ -149,20 +144,13 @@ def _lowered(module: _ServingModule, args: tuple[torch.Tensor, ...], with_weight
         raise ValueError(f"torch.export could not trace model_fn in PREDICT mode at batch size "
                          f"{args[0].shape[0]} (exports need static control flow): "
                          f"{type(error).__name__}: {str(error).partition(chr(10))[0]}") from error
-    hlo = []
-    to_stablehlo = xm.get_stablehlo_bytecode
-
-    def stablehlo_and_hlo(tensors: list[torch.Tensor]) -> bytes:
-        hlo.append(torch_xla._XLAC._get_xla_tensors_hlo_proto(tensors))
-        return to_stablehlo(tensors)
-
     options = stablehlo.StableHLOExportOptions(override_tracing_arguments=args,
                                                export_weights=with_weights)
-    with mock.patch.object(xm, "get_stablehlo_bytecode", stablehlo_and_hlo):
+    with xla_compat.capturing_hlo() as hlo:
         program = stablehlo.exported_program_to_stablehlo(exported, options)
     if len(hlo) != 1:
         raise RuntimeError("torch_xla's exported_program_to_stablehlo no longer lowers through "
-                           "xm.get_stablehlo_bytecode; export.py must follow it (pinned 2.9.0)")
+                           "xm.get_stablehlo_bytecode; xla_compat.py must follow it (pinned 2.9.0)")
     return program, hlo[0]
 
 
@@ -170,7 +158,7 @@ def _check_traced_outputs(program: stablehlo.StableHLOGraphModule, size: int,
                           outputs: Sequence[TensorSpec]) -> None:
     """Each traced output has `size` rows and the example run's dtype and row shape: an output
     that drops or fixes the batch axis would otherwise serve wrong rows without a word."""
-    traced = program._bundle.stablehlo_funcs[0].meta.output_signature
+    traced = xla_compat.bundle_of(program).stablehlo_funcs[0].meta.output_signature
     for spec, signature in zip(outputs, traced, strict=True):
         if (signature.shape[:1] != [size] or tuple(signature.shape[1:]) != spec.shape
                 or signature.dtype != spec.dtype):
@@ -186,7 +174,7 @@ def _one_bundle(programs: dict[int, stablehlo.StableHLOGraphModule]
     one that exported them), one function per batch size, named by ExportSignature."""
     merged = None
     for size, program in sorted(programs.items()):
-        bundle = program._bundle
+        bundle = xla_compat.bundle_of(program)
         function = bundle.stablehlo_funcs[0]
         function.meta.name = ExportSignature.function_name(size)
         if merged is None:
@@ -256,9 +244,8 @@ def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
 
 
 def export_model(
-    model_fn: Callable[..., Any],
+    ctx: ModeContext,
     model: torch.nn.Module,
-    params: dict,
     inputs: dict[str, torch.Tensor],
     features_is_dict: bool,
     batch_sizes: Sequence[int],
@@ -269,9 +256,9 @@ def export_model(
     as_tf_saved_model: bool,
 ) -> str:
     """Traces, lowers and writes one export of `model` (restored, in eval mode) for example
-    features `inputs` (signature.named_rows's form)."""
+    features `inputs` (signature.named_rows's form); `ctx` is the PREDICT binding of the job."""
     _check_no_bfloat16(model)
-    module = _ServingModule(model_fn, model, params, list(inputs), features_is_dict).eval()
+    module = _ServingModule(ctx, model, list(inputs), features_is_dict).eval()
     outputs, predictions_is_dict = _checked_outputs(module, inputs)
     output_specs = tuple(TensorSpec.of_rows(name, value) for name, value in outputs.items())
     if as_tf_saved_model:

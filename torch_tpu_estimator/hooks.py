@@ -1,8 +1,11 @@
 """The hook protocol and the built-in hooks.
 
-Hooks run on the host only at window ends (every `iterations_per_loop` steps), never inside a
-window, so they cost no device sync. Every replica runs the same hooks on the same values (the
-losses are averaged over replicas first); `context.is_chief` tells a hook whether to write.
+One protocol for every mode and phase: `begin`, `after_window` (every `iterations_per_loop`
+steps, never inside a window, so hooks cost no device sync), `before_save` / `after_save`
+(around each checkpoint in training), `after_evaluation` (train_and_evaluate) and `end`. A hook
+may call `context.request_stop()` in any mode; the run ends at that window's end. Every replica
+runs the same hooks on the same values (losses are averaged over replicas first);
+`context.is_chief` tells a hook whether to write.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class RunContext:
 
 
 class Hook:
-    """Override any of the three; each gets the RunContext."""
+    """Override any phase; each gets the RunContext."""
 
     def begin(self, context: RunContext) -> None:
         """Before the first step of train / evaluate / predict."""
@@ -60,12 +63,28 @@ class Hook:
     def after_window(self, context: RunContext, window: Window) -> None:
         """After each window of steps, with its per-step losses on the host."""
 
+    def before_save(self, context: RunContext) -> None:
+        """Training, on the chief: before the checkpoint of context.global_step is written."""
+
+    def after_save(self, context: RunContext, path: str) -> None:
+        """Training, on the chief: after the checkpoint of context.global_step is written."""
+
+    def after_evaluation(self, context: RunContext, results: dict[str, float],
+                         checkpoint_path: str) -> None:
+        """train_and_evaluate: after each evaluation of `checkpoint_path`; request_stop() ends
+        the training."""
+
     def end(self, context: RunContext) -> None:
         """After the last window, once the final checkpoint (if any) is written."""
 
     def last_step(self) -> int | None:
         """The global step this hook will stop at, if any, so the last window ends exactly there."""
         return None
+
+
+class CheckpointSaverListener(Hook):
+    """TF's name for the hooks given as `train(saving_listeners=...)`: any Hook, whose
+    before_save / after_save phases run around each checkpoint."""
 
 
 class StopAtStepHook(Hook):
@@ -133,17 +152,3 @@ def steps_in_window(window: Window, every_n_steps: int) -> list[int]:
     return list(range(first, window.last_step + 1, every_n_steps))
 
 
-class CheckpointSaverListener:
-    """Called around each checkpoint the chief writes during training (TF's saving_listeners)."""
-
-    def begin(self) -> None:
-        """Before training starts."""
-
-    def before_save(self, global_step: int) -> None:
-        """Before the checkpoint of global_step is written."""
-
-    def after_save(self, global_step: int, path: str) -> None:
-        """After the checkpoint of global_step is written to path."""
-
-    def end(self, global_step: int) -> None:
-        """After training, once the final checkpoint is written."""

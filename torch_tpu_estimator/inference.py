@@ -1,4 +1,5 @@
-"""The eval and predict loops: fixed-shape padded batches, one transfer per window, exact results.
+"""Evaluate and predict on one replica: fixed-shape padded batches, one transfer per window, exact
+results.
 
 Each step's outputs stay on the device until its window ends; they then come to the host in one
 transfer, are gathered from every replica, stripped of padding (input.py pads the last batch and
@@ -7,51 +8,49 @@ counts its real rows) and put back in input order by gather.real_examples.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from .context import ModeContext
 from .gather import real_examples
-from .hooks import Hook, RunContext, Window
+from .hooks import Hook, Window
+from .input import HostBatch
 from .job import InputFn, Job
-from .loops import log_device_report, open_windows
+from .loop import ModeProgram, run_loop, run_to_end
 from .metrics import Metric
-from .runtime.base import Progress, Runtime
-from .spec import ModeKeys, call_with_tensors, validate_spec
+from .run_state import Checkpoint, RunState
+from .runtime.base import Replica
+from .spec import ModeKeys, call_with_tensors
+from .streams import InputStreams
 from .summary import eval_dir, write_scalars
-from .training_state import TrainingState
+from .windows import WindowedBatches
 
 logger = logging.getLogger("torch_tpu_estimator")
 
 
-def _restored_model(job: Job, runtime: Runtime, mode: str, checkpoint_path: str
-                    ) -> tuple[TrainingState, dict, int]:
-    params = job.model_params(runtime, mode)
-    state = TrainingState.build(runtime, job.model_init_fn, None, params, job.config.seed)
-    global_step = state.restore(checkpoint_path, runtime, weights_only=True)
+def _restored(ctx: ModeContext, checkpoint_path: str) -> RunState:
+    state = RunState.build(ctx)
+    state.load_inference_weights(Checkpoint.load(checkpoint_path))
     state.model.eval()
-    return state, params, global_step
+    return state
 
 
-def _gathered_window(runtime: Runtime, outputs: list[Any], num_reals: list[int]) -> Any:
+def _windows(ctx: ModeContext, input_fn: InputFn) -> WindowedBatches:
+    streams = InputStreams(ctx, input_fn)
+    return WindowedBatches(ctx.replica.device_batches(streams.host_batches()), ctx)
+
+
+def _gathered(ctx: ModeContext, outputs: list[Any], batches: list[HostBatch]) -> Any:
     """One window's per-step device outputs as host tensors of real rows, in input order."""
-    host_outputs = runtime.to_host(outputs)
-    gathered = runtime.host_gather((host_outputs, num_reals))
+    host_outputs = ctx.replica.to_host(outputs)
+    gathered = ctx.replica.host_gather((host_outputs, [batch.num_real for batch in batches]))
     return real_examples([replica[0] for replica in gathered], [replica[1] for replica in gathered])
-
-
-def _loss_rows(loss: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A step's loss as one value per example: a scalar is repeated over the batch."""
-    return loss.expand(batch_size) if loss.dim() == 0 else loss
-
-
-def _eval_step(job: Job, state: TrainingState, batch: Any, params: dict) -> tuple[Any, Any]:
-    """model_fn's EVAL spec for one batch, and its loss as one value per example."""
-    spec = validate_spec(job.model_fn(state.model, batch.features, batch.labels, ModeKeys.EVAL,
-                                      params), ModeKeys.EVAL)
-    return spec, _loss_rows(spec.loss.detach(), params["batch_size"])
 
 
 def _merge_metrics(total: dict[str, Metric] | None, new: Any) -> dict[str, Metric]:
@@ -70,64 +69,73 @@ def _merge_metrics(total: dict[str, Metric] | None, new: Any) -> dict[str, Metri
     return {name: total[name].merge(value) for name, value in new.items()}
 
 
-def evaluate_replica(job: Job, runtime: Runtime, input_fn: InputFn, steps: int | None,
+class EvalProgram(ModeProgram):
+    """Evaluation in the loop: per-example losses and metric tensors, merged window by window."""
+
+    def __init__(self, ctx: ModeContext, state: RunState, steps: int | None):
+        super().__init__(ctx, state.global_step)
+        self.state, self.steps = state, steps
+        self.params = ctx.model_params()
+        self.metric_fn = None
+        self.metrics: dict[str, Metric] | None = None
+        self.loss_sum, self.examples = 0.0, 0
+        self.warned = False
+
+    def steps_left(self) -> float:
+        return math.inf if self.steps is None else self.steps - self.steps_done
+
+    def step(self, batch: HostBatch) -> tuple[torch.Tensor, Any]:
+        with torch.no_grad():
+            spec = self.ctx.call_model_fn(self.state.model, batch.features, batch.labels,
+                                          self.params)
+        rows = self.params["batch_size"]
+        if spec.loss.dim() == 0 and batch.num_real < rows and not self.warned:
+            self.warned = True
+            logger.warning(
+                "model_fn's EVAL loss is a scalar and the last batch is padded (%d real of %d "
+                "rows): the reported loss averages the padding copies in. Return the loss per "
+                "example (reduction=\"none\") for an exact mean", batch.num_real, rows)
+        self.metric_fn, tensors = spec.eval_metrics or (None, [])
+        loss = spec.loss.detach()
+        return (loss.expand(rows) if loss.dim() == 0 else loss), tensors
+
+    def window_end(self, outputs: list[Any], batches: list[HostBatch],
+                   seconds: float) -> tuple[Window, None]:
+        window = _gathered(self.ctx, outputs, batches)
+        if window is None:  # every row of the window was padding
+            losses = np.zeros(0)
+        else:
+            losses_tensor, tensors = window
+            self.loss_sum += float(losses_tensor.double().sum())
+            self.examples += losses_tensor.numel()
+            if self.metric_fn is not None:
+                self.metrics = _merge_metrics(self.metrics,
+                                              call_with_tensors(self.metric_fn, tensors))
+            losses = losses_tensor.numpy()
+        step = self.context.global_step
+        return Window(step, step, losses, [], seconds, losses.size), None
+
+    def results(self) -> dict[str, float]:
+        if self.examples == 0:
+            raise ValueError("eval input_fn produced no examples")
+        results = {name: value.result() for name, value in (self.metrics or {}).items()}
+        results.setdefault("loss", self.loss_sum / self.examples)
+        results["global_step"] = self.context.global_step
+        return results
+
+
+def evaluate_replica(job: Job, replica: Replica, input_fn: InputFn, steps: int | None,
                      hooks: Sequence[Hook], checkpoint_path: str, name: str | None) -> dict:
     """Evaluates a checkpoint over the whole input (or `steps` batches); returns the metrics."""
-    counters = runtime.device_counters()
-    state, params, global_step = _restored_model(job, runtime, ModeKeys.EVAL, checkpoint_path)
-    run_step = runtime.step_runner(ModeKeys.EVAL, job.config.tpu_config.max_graphs(ModeKeys.EVAL))
-    windows = open_windows(job, runtime, ModeKeys.EVAL, input_fn)
-    context = RunContext(ModeKeys.EVAL, global_step, runtime.is_chief, job.model_dir)
-    for hook in hooks:
-        hook.begin(context)
-    metric_fn, metrics, loss_sum, examples, done = None, None, 0.0, 0, 0
-    warned = False
-    try:
-        while not windows.exhausted and (steps is None or done < steps):
-            outputs, num_reals = [], []
-            with torch.no_grad():
-                for batch in windows.window(float("inf") if steps is None else steps - done):
-                    runtime.heartbeat(Progress.MODEL_FN, done + len(outputs) + 1)
-                    spec, losses = run_step(lambda batch=batch: _eval_step(job, state, batch,
-                                                                           params))
-                    metric_fn, tensors = spec.eval_metrics or (None, [])
-                    outputs.append((losses, tensors))
-                    num_reals.append(batch.num_real)
-                    if not warned and spec.loss.dim() == 0 and \
-                            batch.num_real < params["batch_size"]:
-                        warned = True
-                        logger.warning(
-                            "model_fn's EVAL loss is a scalar and the last batch is padded (%d "
-                            "real of %d rows): the reported loss averages the padding copies "
-                            "in. Return the loss per example (reduction=\"none\") for an exact "
-                            "mean", batch.num_real, params["batch_size"])
-            runtime.heartbeat(Progress.HOST, done + len(outputs))
-            done += len(outputs)
-            window = _gathered_window(runtime, outputs, num_reals)
-            if window is None:
-                continue
-            losses, tensors = window
-            loss_sum += float(losses.double().sum())
-            examples += losses.numel()
-            if metric_fn is not None:
-                metrics = _merge_metrics(metrics, call_with_tensors(metric_fn, tensors))
-            for hook in hooks:
-                hook.after_window(context, Window(global_step, global_step, losses.numpy(), [],
-                                                  windows.seconds(), losses.numel()))
-    finally:
-        windows.batches.close()
-    if examples == 0:
-        raise ValueError("eval input_fn produced no examples")
-    results = {name: value.result() for name, value in (metrics or {}).items()}
-    results.setdefault("loss", loss_sum / examples)
-    results["global_step"] = global_step
-    if runtime.is_chief:
+    ctx = ModeContext(job, replica, ModeKeys.EVAL)
+    program = EvalProgram(ctx, _restored(ctx, checkpoint_path), steps)
+    run_to_end(program, _windows(ctx, input_fn), hooks)
+    results = program.results()
+    global_step = program.context.global_step
+    if ctx.is_chief:
         write_scalars(eval_dir(job.model_dir, name), results, global_step)
     logger.info("Saving dict for global step %d: %s", global_step,
                 ", ".join(f"{key} = {value:.6g}" for key, value in sorted(results.items())))
-    for hook in hooks:
-        hook.end(context)
-    log_device_report(runtime, ModeKeys.EVAL, counters)
     return results
 
 
@@ -151,49 +159,6 @@ def _split_examples(batch: Any) -> Iterator[Any]:
         yield from batch
 
 
-def predict_replica(job: Job, runtime: Runtime, input_fn: InputFn,
-                    predict_keys: Sequence[str] | None, hooks: Sequence[Hook],
-                    checkpoint_path: str, yield_single_examples: bool) -> Iterator[Any]:
-    """Yields predictions in input order, padding removed, per example or per batch."""
-    counters = runtime.device_counters()
-    state, params, global_step = _restored_model(job, runtime, ModeKeys.PREDICT, checkpoint_path)
-    run_step = runtime.step_runner(ModeKeys.PREDICT,
-                                   job.config.tpu_config.max_graphs(ModeKeys.PREDICT))
-    windows = open_windows(job, runtime, ModeKeys.PREDICT, input_fn)
-    context = RunContext(ModeKeys.PREDICT, global_step, runtime.is_chief, job.model_dir)
-    for hook in hooks:
-        hook.begin(context)
-    try:
-        while not windows.exhausted:
-            outputs, num_reals = [], []
-            with torch.no_grad():
-                for batch in windows.window():
-                    runtime.heartbeat(Progress.MODEL_FN, len(num_reals) + 1)
-                    spec = run_step(lambda batch=batch: validate_spec(
-                        job.model_fn(state.model, batch.features, batch.labels,
-                                     ModeKeys.PREDICT, params), ModeKeys.PREDICT))
-                    outputs.append(_select(spec.predictions, predict_keys))
-                    num_reals.append(batch.num_real)
-            runtime.heartbeat(Progress.HOST, len(num_reals))
-            window = _gathered_window(runtime, outputs, num_reals)
-            if window is None:
-                continue
-            if yield_single_examples:
-                yield from _split_examples(window)
-            else:
-                yield from _batches_of(window, _global_reals(runtime, num_reals))
-    finally:
-        windows.batches.close()
-    for hook in hooks:
-        hook.end(context)
-    log_device_report(runtime, ModeKeys.PREDICT, counters)
-
-
-def _global_reals(runtime: Runtime, num_reals: list[int]) -> list[int]:
-    per_replica = runtime.host_gather(num_reals)
-    return [sum(step) for step in zip(*per_replica, strict=True)]
-
-
 def _batches_of(window: Any, sizes: list[int]) -> Iterator[Any]:
     start = 0
     for size in sizes:
@@ -205,3 +170,44 @@ def _batches_of(window: Any, sizes: list[int]) -> Iterator[Any]:
             yield window[start:start + size]
         start += size
 
+
+class PredictProgram(ModeProgram):
+    """Prediction in the loop: each window's predictions, in input order, padding removed."""
+
+    def __init__(self, ctx: ModeContext, state: RunState, predict_keys: Sequence[str] | None,
+                 yield_single_examples: bool):
+        super().__init__(ctx, state.global_step)
+        self.state, self.predict_keys = state, predict_keys
+        self.yield_single_examples = yield_single_examples
+        self.params = ctx.model_params()
+
+    def step(self, batch: HostBatch) -> Any:
+        with torch.no_grad():
+            spec = self.ctx.call_model_fn(self.state.model, batch.features, batch.labels,
+                                          self.params)
+        return _select(spec.predictions, self.predict_keys)
+
+    def window_end(self, outputs: list[Any], batches: list[HostBatch],
+                   seconds: float) -> tuple[Window, list[Any]]:
+        window = _gathered(self.ctx, outputs, batches)
+        step = self.context.global_step
+        reals = [sum(step_reals) for step_reals in zip(*self.ctx.replica.host_gather(
+            [batch.num_real for batch in batches]), strict=True)]
+        hook_window = Window(step, step, np.zeros(0), [], seconds, sum(reals))
+        if window is None:
+            return hook_window, []
+        if self.yield_single_examples:
+            return hook_window, list(_split_examples(window))
+        return hook_window, list(_batches_of(window, reals))
+
+
+def predict_replica(job: Job, replica: Replica, input_fn: InputFn,
+                    predict_keys: Sequence[str] | None, hooks: Sequence[Hook],
+                    checkpoint_path: str, yield_single_examples: bool) -> Iterator[Any]:
+    """Yields predictions in input order, padding removed, per example or per batch."""
+    ctx = ModeContext(job, replica, ModeKeys.PREDICT)
+    program = PredictProgram(ctx, _restored(ctx, checkpoint_path), predict_keys,
+                             yield_single_examples)
+    with contextlib.closing(run_loop(program, _windows(ctx, input_fn), hooks)) as windows:
+        for items in windows:
+            yield from items

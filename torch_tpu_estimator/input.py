@@ -8,10 +8,10 @@ input_fn(params) may return
   - a one-shot iterator of batches: read once; in training it ends the run when it runs out.
 An example or batch is `(features, labels)` or `features` alone; features is a tensor or a dict.
 
-Two layouts (see `input_shards`). Per-host input (eval, predict, and training by default): each
-process calls input_fn once, with `params["batch_size"]` the global batch, and keeps its own rows
-of every global batch; from a Dataset only those rows are loaded. So one replica and N replicas
-see the same examples at the same steps. Per-replica input (training with
+Two layouts (context.ModeContext.input_shards). Per-host input (eval, predict, and training by
+default): each process calls input_fn once, with `params["batch_size"]` the global batch, and
+keeps its own rows of every global batch; from a Dataset only those rows are loaded. So one
+replica and N replicas see the same examples at the same steps. Per-replica input (training with
 `per_host_input_for_training=False`): input_fn is called once per replica with the per-replica
 batch and `params["context"]` naming its shard, and its batches are used as they are.
 
@@ -41,7 +41,7 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate
 
 from .config import InputPipelineConfig
-from .runtime.base import ReplicaContext, Runtime
+from .runtime.base import ReplicaContext
 from .spec import ModeKeys
 from .tree import map_tensors, tensors_of
 
@@ -85,22 +85,6 @@ class InputShard:
     def rows(self) -> int:
         """Rows of every batch this process feeds from this call."""
         return self.batch_size // self.keep_count
-
-
-def input_shards(runtime: Runtime, mode: str, global_batch_size: int,
-                 per_host: bool) -> list[InputShard]:
-    """The input_fn calls this process makes for `mode`: one per host, or one per local replica.
-
-    Per-replica input is a training layout only, as in TPUEstimator; eval and predict read
-    per-host input so that no example is dropped or seen twice.
-    """
-    if per_host or mode != ModeKeys.TRAIN or runtime.num_replicas == 1:
-        return [InputShard("host", runtime.context(mode), global_batch_size,
-                           runtime.process_index, runtime.num_processes)]
-    replicas = runtime.num_replicas
-    return [InputShard(f"replica{replica}", runtime.context(mode, replica, (replica, replicas)),
-                       global_batch_size // replicas)
-            for replica in runtime.local_replica_ids]
 
 
 def pass_seed(seed: int, epoch: int) -> int:
@@ -148,9 +132,10 @@ def pad_rows(tree: Any, size: int) -> Any:
     return map_tensors(pad, tree)
 
 
-def call_input_fn(input_fn: Callable[[dict], Any], params: Mapping[str, Any]) -> Any:
-    """Calls input_fn and checks that what it returned is a kind of input this module reads."""
-    source = input_fn(dict(params))
+def call_input_fn(input_fn: Callable[[], Any]) -> Any:
+    """Calls input_fn (its arguments bound) and checks that what it returned is a kind of input
+    this module reads."""
+    source = input_fn()
     kind = _kind_of(source)
     if kind == "map_dataset" and len(source) == 0:
         raise ValueError("input_fn returned an empty Dataset (len 0)")

@@ -1,5 +1,5 @@
-"""train_and_evaluate: train N steps, evaluate, repeat; with eval hooks for the best checkpoint
-and early stopping on an eval metric."""
+"""train_and_evaluate: train N steps, evaluate, repeat; with hooks that keep the best checkpoint
+and stop early on an eval metric (the Hook phase `after_evaluation`)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,11 @@ from collections.abc import Sequence
 
 from .checkpoint import atomic_write
 from .estimator import TPUEstimator
+from .hooks import Hook, RunContext
 from .job import InputFn
-from .runtime.torch_dist import launched_rank
+from .spec import ModeKeys
 
 logger = logging.getLogger("torch_tpu_estimator")
-
-
-class EvalHook:
-    """Called after each evaluation of train_and_evaluate; return False to stop training."""
-
-    def after_evaluation(self, results: dict[str, float], checkpoint_path: str) -> bool:
-        return True
 
 
 def _improves(value: float, best: float | None, higher_is_better: bool, min_delta: float) -> bool:
@@ -31,7 +25,7 @@ def _improves(value: float, best: float | None, higher_is_better: bool, min_delt
     return value > best + min_delta if higher_is_better else value < best - min_delta
 
 
-class KeepBestCheckpoint(EvalHook):
+class KeepBestCheckpoint(Hook):
     """Copies the checkpoint with the best `metric` so far into `directory`, with `best.json`
     naming it and its eval results (so keep_checkpoint_max never deletes the best one)."""
 
@@ -39,26 +33,27 @@ class KeepBestCheckpoint(EvalHook):
         self.directory, self.metric, self.higher_is_better = directory, metric, higher_is_better
         self.best: float | None = None
 
-    def after_evaluation(self, results: dict[str, float], checkpoint_path: str) -> bool:
+    def after_evaluation(self, context: RunContext, results: dict[str, float],
+                         checkpoint_path: str) -> None:
         if self.metric not in results:
             raise ValueError(f"KeepBestCheckpoint metric {self.metric!r} is not among the eval "
                              f"results {sorted(results)}")
-        if _improves(results[self.metric], self.best, self.higher_is_better, 0.0):
-            self.best = results[self.metric]
-            if launched_rank() != 0:  # under torchrun every rank evaluates; rank 0 writes
-                return True
-            os.makedirs(self.directory, exist_ok=True)
-            target = os.path.join(self.directory, os.path.basename(checkpoint_path))
-            with open(checkpoint_path, "rb") as source:
-                atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
-            record = json.dumps({"checkpoint": os.path.basename(target), "results": results})
-            atomic_write(os.path.join(self.directory, "best.json"),
-                         lambda handle: handle.write(record.encode()))
-            logger.info("New best %s = %.6g: kept %s", self.metric, self.best, target)
-        return True
+        if not _improves(results[self.metric], self.best, self.higher_is_better, 0.0):
+            return
+        self.best = results[self.metric]
+        if not context.is_chief:  # under torchrun every rank evaluates; rank 0 writes
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        target = os.path.join(self.directory, os.path.basename(checkpoint_path))
+        with open(checkpoint_path, "rb") as source:
+            atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
+        record = json.dumps({"checkpoint": os.path.basename(target), "results": results})
+        atomic_write(os.path.join(self.directory, "best.json"),
+                     lambda handle: handle.write(record.encode()))
+        logger.info("New best %s = %.6g: kept %s", self.metric, self.best, target)
 
 
-class EarlyStopping(EvalHook):
+class EarlyStopping(Hook):
     """Stops train_and_evaluate when `metric` has not improved by `min_delta` for `patience`
     evaluations in a row."""
 
@@ -71,16 +66,16 @@ class EarlyStopping(EvalHook):
         self.best: float | None = None
         self.stale = 0
 
-    def after_evaluation(self, results: dict[str, float], checkpoint_path: str) -> bool:
+    def after_evaluation(self, context: RunContext, results: dict[str, float],
+                         checkpoint_path: str) -> None:
         if _improves(results[self.metric], self.best, self.higher_is_better, self.min_delta):
             self.best, self.stale = results[self.metric], 0
-            return True
+            return
         self.stale += 1
         if self.stale >= self.patience:
             logger.info("Early stopping: %s did not improve for %d evaluations", self.metric,
                         self.stale)
-            return False
-        return True
+            context.request_stop()
 
 
 def train_and_evaluate(
@@ -91,16 +86,16 @@ def train_and_evaluate(
     steps_between_evals: int,
     eval_steps: int | None = None,
     eval_name: str | None = None,
-    eval_hooks: Sequence[EvalHook] = (),
+    eval_hooks: Sequence[Hook] = (),
 ) -> list[dict[str, float]]:
     """Alternates `steps_between_evals` training steps and one evaluation until `max_steps` or an
-    eval hook says stop; returns every evaluation's results."""
+    eval hook requests a stop in `after_evaluation`; returns every evaluation's results."""
     for name, value in (("max_steps", max_steps), ("steps_between_evals", steps_between_evals)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     for hook in eval_hooks:
-        if not isinstance(hook, EvalHook):
-            raise TypeError(f"eval_hooks must hold EvalHook instances, got {type(hook).__name__}")
+        if not isinstance(hook, Hook):
+            raise TypeError(f"eval_hooks must hold Hook instances, got {type(hook).__name__}")
     history: list[dict[str, float]] = []
     step = int(estimator.get_variable_value("global_step")) if estimator.latest_checkpoint() else 0
     while step < max_steps:
@@ -108,8 +103,11 @@ def train_and_evaluate(
         estimator.train(train_input_fn, max_steps=step)
         results = estimator.evaluate(eval_input_fn, steps=eval_steps, name=eval_name)
         history.append(results)
-        checkpoint_path = estimator.latest_checkpoint()
-        keep_going = [hook.after_evaluation(results, checkpoint_path) for hook in eval_hooks]
-        if not all(keep_going):
+        context = RunContext(ModeKeys.EVAL, int(results["global_step"]),
+                             estimator.caller_is_chief, estimator.model_dir)
+        evaluated = estimator.latest_checkpoint()
+        for hook in eval_hooks:
+            hook.after_evaluation(context, results, evaluated)
+        if context.stop_requested:
             break
     return history

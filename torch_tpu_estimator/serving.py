@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch_xla
 import torch_xla.core.xla_builder as xb
-import torch_xla.core.xla_model as xm
 from torch_xla import stablehlo
 
+from . import xla_compat
 from .bundle import load_bundle
 from .signature import (
     STABLEHLO_DIR,
@@ -99,9 +99,9 @@ class ExportedModel:
                 arguments.append(self._constants[location.position])
             else:
                 arguments.append(padded[location.position])
-        outputs = torch_xla._XLAC._xla_user_computation(self._op_name(size), arguments,
-                                                         self._computation(size))
-        return [output[:rows] for output in xm._maybe_convert_to_cpu(list(outputs))]
+        outputs = xla_compat.run_computation(self._op_name(size), arguments,
+                                             self._computation(size))
+        return [output[:rows] for output in xla_compat.to_cpu(outputs)]
 
     def __call__(self, features: Any) -> dict[str, torch.Tensor] | torch.Tensor:
         """Predictions for every row of `features` (a tensor or array, or a dict of them)."""

@@ -71,8 +71,10 @@ def _check_fn_and_tensors(name: str, value: Any) -> None:
         )
 
 
-def validate_spec(spec: Any, mode: str) -> TPUEstimatorSpec | EstimatorSpec:
-    """Checks model_fn's return value for `mode` and says exactly what is wrong."""
+def validate_spec(spec: Any, mode: str, manual_update: bool = False
+                  ) -> TPUEstimatorSpec | EstimatorSpec:
+    """Checks model_fn's return value for `mode` and says exactly what is wrong. With
+    `manual_update` (model_fn ran the update itself) the TRAIN loss is only reported."""
     if not isinstance(spec, (TPUEstimatorSpec, EstimatorSpec)):
         raise TypeError(
             f"model_fn must return a TPUEstimatorSpec or EstimatorSpec in mode {mode!r}, "
@@ -94,7 +96,7 @@ def validate_spec(spec: Any, mode: str) -> TPUEstimatorSpec | EstimatorSpec:
                 + (" (or one value per example)" if mode == ModeKeys.EVAL else "")
                 + f", got shape {tuple(loss.shape)}"
             )
-        if mode == ModeKeys.TRAIN and not loss.requires_grad:
+        if mode == ModeKeys.TRAIN and not manual_update and not loss.requires_grad:
             raise ValueError(
                 "model_fn's loss in mode 'train' does not require grad: it is not connected to "
                 "any trainable parameter"

@@ -38,17 +38,17 @@ def save_tf_saved_model(program: stablehlo.StableHLOGraphModule, signature: Expo
                         path: str) -> None:
     """Writes `program`'s functions, one per batch size, as a SavedModel at `path`."""
     tf = import_tensorflow()
-    from torch_xla.tf_saved_model_integration import _mangle_tf_root_scope_name, _wrap_as_tf_func
+    from . import xla_compat
 
-    bundle = copy.deepcopy(program._bundle)
+    bundle = copy.deepcopy(xla_compat.bundle_of(program))
     bundle.state_dict = {name: tf.Variable(value, trainable=False,
-                                           name=_mangle_tf_root_scope_name(name))
+                                           name=xla_compat.tf_variable_name(name))
                          for name, value in bundle.state_dict.items()}
     bundle.additional_constants = [tf.Variable(value, trainable=False)
                                    for value in bundle.additional_constants]
     by_name = {function.meta.name: function for function in bundle.stablehlo_funcs}
     sizes = list(signature.batch_sizes)
-    functions = [_wrap_as_tf_func(by_name[signature.function_name(size)], bundle)
+    functions = [xla_compat.tf_function_of(by_name[signature.function_name(size)], bundle)
                  for size in sizes]
     output_specs = tuple(tf.TensorSpec(None, tf.as_dtype(spec.dtype))
                          for spec in signature.outputs)

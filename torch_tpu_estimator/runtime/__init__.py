@@ -1,23 +1,24 @@
-"""Backends where replicas live, behind one interface (base.Runtime)."""
+"""Backends where replicas live: a Launcher per backend, and the Replica handle each gives its
+workers (base.py)."""
 
 from __future__ import annotations
 
 from ..config import TPUConfig
-from .base import ReplicaContext, Runtime
+from .base import Launcher, Replica, ReplicaContext, Topology
 
-__all__ = ["ReplicaContext", "Runtime", "resolve_runtime"]
+__all__ = ["Launcher", "Replica", "ReplicaContext", "Topology", "resolve_launcher"]
 
 
-def resolve_runtime(use_tpu: bool, tpu_config: TPUConfig) -> Runtime:
+def resolve_launcher(use_tpu: bool, tpu_config: TPUConfig) -> Launcher:
     """Picks the backend: XLA by `strategy` when use_tpu, plain PyTorch otherwise."""
     if not use_tpu:
-        from .torch_dist import TorchRuntime
+        from .torch_dist import TorchLauncher
 
-        return TorchRuntime(tpu_config.num_shards, tpu_config.replica_timeout_secs)
+        return TorchLauncher(tpu_config.num_shards, tpu_config.replica_timeout_secs)
     if tpu_config.strategy == "spmd":
-        from .xla_spmd import XlaSpmdRuntime
+        from .xla_spmd import SpmdLauncher
 
-        return XlaSpmdRuntime(tpu_config.num_shards)
-    from .xla_mp import XlaMpRuntime
+        return SpmdLauncher(tpu_config.num_shards)
+    from .xla_mp import XmpLauncher
 
-    return XlaMpRuntime(tpu_config.num_shards)
+    return XmpLauncher(tpu_config.num_shards)

@@ -141,7 +141,7 @@ class Heartbeats:
     PHASES = {Progress.STARTING: "starting", Progress.INPUT: "waiting for its input",
               Progress.MODEL_FN: "in model_fn",
               Progress.UPDATE: "in backward or the optimizer update",
-              Progress.HOST: "at a window end (host work, collectives, checkpoint)"}
+              Progress.HOST: "at a window end before it (host work, collectives, checkpoint)"}
 
     def __init__(self, context: Any, count: int):
         self._times = context.Array("d", [time.time()] * count, lock=False)
@@ -162,9 +162,11 @@ class Heartbeats:
         return (f"replica {rank} was last {self.PHASES[Progress(self._phases[rank])]} (step "
                 f"{self._steps[rank]}), {time.time() - self._times[rank]:.1f} s ago{stopped}")
 
-    def stalest(self) -> int:
-        """The replica whose last progress is oldest: the one the others wait for."""
-        return min(range(len(self._times)), key=lambda rank: self._times[rank])
+    def furthest_behind(self) -> int:
+        """The replica the others wait for: the least far in (step, phase), the least recent
+        among equals."""
+        return min(range(len(self._times)), key=lambda rank: (
+            self._steps[rank], self._phases[rank], self._times[rank]))
 
 
 class ReplicaHungError(RuntimeError):
@@ -250,10 +252,10 @@ def _wait(processes: list[multiprocessing.Process], scratch: str, heartbeats: He
             if exitcode != 0:
                 _raise_root_failure(scratch, processes)
         if timeout_secs is not None and running and heartbeats.silent_for() > timeout_secs:
-            stalest = heartbeats.stalest()
+            behind = heartbeats.furthest_behind()
             raise ReplicaHungError(
                 f"no replica made progress for {timeout_secs:g} s "
                 f"(TPUConfig.replica_timeout_secs): "
-                f"{heartbeats.describe(stalest, processes[stalest].pid)}; the others wait for "
+                f"{heartbeats.describe(behind, processes[behind].pid)}; the others wait for "
                 "it. Every replica was stopped")
         time.sleep(_POLL_SECONDS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..tree import map_tensors
-from .base import Progress, Runtime
+from .base import Launcher, Progress, Replica, Topology
 from .launcher import Heartbeats, launch_processes
 
 T = TypeVar("T")
@@ -38,7 +38,7 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
 
 
-def reduce_gradients(parameters: list[torch.Tensor], world_size: int) -> None:
+def reduce_gradients(parameters: Sequence[torch.Tensor], world_size: int) -> None:
     """Averages the parameters' gradients over every process, in one all_reduce of one flat
     buffer laid out in parameter order, so that every step sums each element in the same order
     (DDP re-buckets gradients after its first step, and with more than two processes the sums
@@ -67,101 +67,107 @@ def reduce_gradients(parameters: list[torch.Tensor], world_size: int) -> None:
             grad.copy_(value)
 
 
-class TorchRuntime(Runtime):
-    """Eager PyTorch: in the caller's process, or over torch.distributed processes."""
+def _pick_device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
-    name = "torch"
 
-    def __init__(self, num_shards: int | None = None, timeout_secs: float = 1800.0):
-        launched = launched_world_size()
-        if launched > 1 and num_shards not in (None, launched):
-            raise ValueError(f"num_shards={num_shards} differs from WORLD_SIZE={launched} set by "
-                             "the launcher (torchrun); leave num_shards=None")
-        self._external = launched > 1
-        self.num_replicas = self.num_processes = launched if self._external else (num_shards or 1)
-        if self.num_processes > 1 and not self._external and torch.cuda.is_available():
-            raise ValueError(
-                f"num_shards={num_shards} on CUDA: launch one process per GPU with torchrun "
-                "(the estimator forks CPU replicas only, and CUDA cannot be forked)"
-            )
-        self._rank = launched_rank()
-        self._device = self._pick_device()
-        self._timeout_secs = timeout_secs
-        self._heartbeats: Heartbeats | None = None
+class TorchReplica(Replica):
+    """Eager PyTorch in one process of the job, on CUDA or the CPU."""
 
-    def _pick_device(self) -> torch.device:
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-    def launch(self, worker: Callable[[], T]) -> T:
-        if self.num_processes == 1:
-            return worker()
-        if self._external:
-            if not dist.is_initialized():
-                if self._device.type == "cuda":
-                    torch.cuda.set_device(self._device)
-                dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo",
-                                        timeout=datetime.timedelta(seconds=self._timeout_secs))
-            return worker()
-        return launch_processes(
-            self.num_processes,
-            lambda rank, scratch, heartbeats: self._forked(rank, scratch, heartbeats, worker),
-            timeout_secs=self._timeout_secs)
-
-    def _forked(self, rank: int, scratch: str, heartbeats: Heartbeats,
-                worker: Callable[[], T]) -> T:
-        self._rank, self._heartbeats = rank, heartbeats
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.num_processes))
-        # the launcher's watchdog names a hung replica after timeout_secs; the collectives'
-        # own timeout comes later, as a backstop
-        dist.init_process_group("gloo", init_method=f"file://{scratch}/store", rank=rank,
-                                world_size=self.num_processes,
-                                timeout=datetime.timedelta(seconds=2 * self._timeout_secs))
-        result = worker()  # on an error the group is left to die with the process, so that
-        dist.destroy_process_group()  # peers see no disconnect before the error is reported
-        return result
+    def __init__(self, topology: Topology, process_index: int = 0,
+                 heartbeats: Heartbeats | None = None, device: torch.device | None = None):
+        super().__init__(topology, process_index)
+        self._device = device or _pick_device()
+        self._heartbeats = heartbeats
 
     @property
     def device(self) -> torch.device:
         return self._device
-
-    @property
-    def caller_is_replica(self) -> bool:
-        return self.num_processes == 1 or self._external
-
-    @property
-    def process_index(self) -> int:
-        return self._rank
-
-    def prepare_model(self, model: torch.nn.Module, training: bool) -> torch.nn.Module:
-        return model.to(self._device)
 
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
         non_blocking = self._device.type == "cuda"
         for batch in host_batches:
             yield map_tensors(lambda t: t.to(self._device, non_blocking=non_blocking), batch)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.num_processes > 1:
-            reduce_gradients([parameter for group in optimizer.param_groups
-                              for parameter in group["params"]], self.num_processes)
-        optimizer.step()
+    def reduce_gradients(self, parameters: Sequence[torch.Tensor]) -> None:
+        if self.topology.num_processes > 1:
+            reduce_gradients(parameters, self.topology.num_processes)
 
     def to_host(self, tree: Any) -> Any:
         return map_tensors(lambda t: t.detach().cpu(), tree)
 
     def host_gather(self, value: T) -> list[T]:
-        if self.num_processes == 1:
+        if self.topology.num_processes == 1:
             return [value]
-        gathered: list[Any] = [None] * self.num_processes
+        gathered: list[Any] = [None] * self.topology.num_processes
         dist.all_gather_object(gathered, value)
         return gathered
 
     def barrier(self, name: str) -> None:
-        if self.num_processes > 1:
+        if self.topology.num_processes > 1:
             dist.barrier()
 
     def heartbeat(self, progress: Progress, step: int) -> None:
         if self._heartbeats is not None:
-            self._heartbeats.beat(self._rank, progress, step)
+            self._heartbeats.beat(self.process_index, progress, step)
+
+
+def cpu_replica() -> TorchReplica:
+    """A one-process replica on the CPU, for work done in the caller (export)."""
+    return TorchReplica(Topology("torch"), device=torch.device("cpu"))
+
+
+class TorchLauncher(Launcher):
+    """Eager PyTorch: in the caller's process, a torchrun rank, or N forked gloo processes."""
+
+    def __init__(self, num_shards: int | None = None, timeout_secs: float = 1800.0):
+        launched = launched_world_size()
+        if launched > 1 and num_shards not in (None, launched):
+            raise ValueError(f"num_shards={num_shards} differs from WORLD_SIZE={launched} set by "
+                             "the launcher (torchrun); leave num_shards=None")
+        external = launched > 1
+        processes = launched if external else (num_shards or 1)
+        if processes > 1 and not external and torch.cuda.is_available():
+            raise ValueError(
+                f"num_shards={num_shards} on CUDA: launch one process per GPU with torchrun "
+                "(the estimator forks CPU replicas only, and CUDA cannot be forked)")
+        super().__init__(Topology("torch", processes, processes,
+                                  caller_is_replica=processes == 1 or external))
+        self._external = external
+        self._timeout_secs = timeout_secs
+
+    @property
+    def caller_is_chief(self) -> bool:
+        return not self._external or launched_rank() == 0
+
+    def _launch(self, worker: Callable[[Replica], T]) -> T:
+        if self.topology.num_processes == 1:
+            return worker(TorchReplica(self.topology))
+        if self._external:
+            if not dist.is_initialized():
+                device = _pick_device()
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        timeout=datetime.timedelta(seconds=self._timeout_secs))
+            return worker(TorchReplica(self.topology, launched_rank()))
+        return launch_processes(
+            self.topology.num_processes,
+            lambda rank, scratch, heartbeats: self._forked(rank, scratch, heartbeats, worker),
+            timeout_secs=self._timeout_secs)
+
+    def _forked(self, rank: int, scratch: str, heartbeats: Heartbeats,
+                worker: Callable[[Replica], T]) -> T:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.topology.num_processes))
+        # the launcher's watchdog names a hung replica after timeout_secs; the collectives'
+        # own timeout comes later, as a backstop
+        dist.init_process_group("gloo", init_method=f"file://{scratch}/store", rank=rank,
+                                world_size=self.topology.num_processes,
+                                timeout=datetime.timedelta(seconds=2 * self._timeout_secs))
+        result = worker(TorchReplica(self.topology, rank, heartbeats))
+        # on an error the group is left to die with the process, so that peers see no
+        # disconnect before the error is reported
+        dist.destroy_process_group()
+        return result

@@ -1,4 +1,4 @@
-"""What every XLA runtime shares: the device, the loader that feeds it, graph cuts, RNG, reads.
+"""What every XLA replica shares: the device, the loader that feeds it, graph cuts, RNG, reads.
 
 xla_mp (one process per device) and xla_spmd (one process over a device mesh) differ only in how
 replicas are launched, how input is laid over devices and how gradients are combined.
@@ -19,7 +19,8 @@ import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
 import torch_xla.runtime as xr
 
-from .base import RecompilationError, Runtime
+from .. import xla_compat
+from .base import RecompilationError, Replica
 
 T = TypeVar("T")
 
@@ -32,9 +33,7 @@ def local_device_count() -> int:
     """XLA devices on this host, found without starting the XLA runtime."""
     device_type = xr.device_type()
     if device_type == "TPU":
-        from torch_xla._internal import tpu
-
-        return tpu.num_expected_global_devices()
+        return xla_compat.expected_tpu_devices()
     if device_type in (None, "CPU"):
         return int(os.environ.get("CPU_NUM_DEVICES", "1"))
     return 1
@@ -69,7 +68,7 @@ def _capture_failures(host_batches: Iterable[Any]) -> Iterator[Any]:
         yield _InputFailure(error)
 
 
-class XlaRuntime(Runtime):
+class XlaReplica(Replica):
     """Device batches through MpDeviceLoader, one graph cut per step, reads in one transfer."""
 
     def input_sharding(self) -> Any:
@@ -86,21 +85,21 @@ class XlaRuntime(Runtime):
         loader = pl.MpDeviceLoader(_capture_failures(host_batches), self.device,
                                    batches_per_execution=sys.maxsize,
                                    input_sharding=self.input_sharding())
-        iterator = iter(loader)
         try:
-            for batch in iterator:
+            for batch in loader:
                 if isinstance(batch, _InputFailure):
                     raise batch.error
                 yield batch
         finally:
-            loader._parallel_loader.close()
-
-    def step_boundary(self) -> None:
-        torch_xla.sync()
+            xla_compat.close_loader(loader)
 
     def step_runner(self, mode: str, max_graphs: int | None) -> Callable[[Callable[[], T]], T]:
         if max_graphs is None:
-            return super().step_runner(mode, max_graphs)
+            def run(body: Callable[[], T]) -> T:
+                result = body()
+                torch_xla.sync()
+                return result
+            return run
         # A new (tiny) function per run: torch_xla.compile keys its graph count by the function,
         # so each call of train/evaluate/predict counts afresh (torch_xla keeps that small
         # record for the process's life). It syncs before and after the body: two graph cuts a
@@ -108,7 +107,7 @@ class XlaRuntime(Runtime):
         guarded = torch_xla.compile(functools.partial(_call), name=f"torch_tpu_estimator_{mode}",
                                     max_different_graphs=max_graphs)
 
-        def run(body: Callable[[], T]) -> T:
+        def run_guarded(body: Callable[[], T]) -> T:
             try:
                 return guarded(body)
             except RuntimeError as error:
@@ -121,7 +120,7 @@ class XlaRuntime(Runtime):
                     "number that changes every step used in tensor math (pass it as a tensor), "
                     "control flow on tensor values. torch_xla: "
                     + " ".join(str(error).split("\n")[:2])) from None
-        return run
+        return run_guarded
 
     def device_counters(self) -> dict[str, float]:
         compiles = met.metric_data("CompileTime") or (0, 0.0)
@@ -130,7 +129,7 @@ class XlaRuntime(Runtime):
                 "transfers_to_host": (met.metric_data("TransferFromDeviceTime") or (0,))[0]}
 
     def to_host(self, tree: Any) -> Any:
-        return xm._maybe_convert_to_cpu(tree)
+        return xla_compat.to_cpu(tree)
 
     def get_device_rng_state(self) -> int | None:
         return xm.get_rng_state(self.device)

@@ -16,7 +16,8 @@ import torch
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
 
-from .xla import XlaRuntime, replica_device_count
+from .base import Launcher, Replica, Topology
+from .xla import XlaReplica, replica_device_count
 
 T = TypeVar("T")
 
@@ -45,31 +46,33 @@ class BatchAxisSharding:
         return self._specs[tensor.dim()].xla_spec(tensor)
 
 
-class XlaSpmdRuntime(XlaRuntime):
-    """Data parallel over every device of this host in one process, partitioned by GSPMD."""
+class SpmdReplica(XlaReplica):
+    """Every device of this host, driven by one process; GSPMD reduces the gradients."""
 
-    name = "xla_spmd"
-    one_program = True
+    def __init__(self, topology: Topology, mesh: xs.Mesh):
+        super().__init__(topology)
+        self.mesh = mesh
+
+    def input_sharding(self) -> BatchAxisSharding:
+        return BatchAxisSharding(self.mesh)
+
+
+class SpmdLauncher(Launcher):
+    """Runs the one SPMD replica in the caller's process, in SPMD mode from its first call."""
 
     def __init__(self, num_shards: int | None = None):
-        self.num_replicas = replica_device_count(num_shards)
+        count = replica_device_count(num_shards)
+        super().__init__(Topology("xla_spmd", count, 1, one_program=True, use_tpu=True))
         self._mesh: xs.Mesh | None = None
 
-    def launch(self, worker: Callable[[], T]) -> T:
+    def _launch(self, worker: Callable[[Replica], T]) -> T:
         if self._mesh is None:
             if not xr.is_spmd():  # before this process's first XLA tensor; it lasts for good
                 xr.use_spmd()
             if xr.process_count() != 1:
                 raise ValueError(
                     f"strategy='spmd' runs on one host; this job has {xr.process_count()} "
-                    "processes. Use strategy='mp' across hosts"
-                )
+                    "processes. Use strategy='mp' across hosts")
             devices = xr.global_runtime_device_count()
             self._mesh = xs.Mesh(np.arange(devices), (devices,), (DATA_AXIS,))
-        return worker()
-
-    def input_sharding(self) -> BatchAxisSharding:
-        return BatchAxisSharding(self._mesh)
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()  # gradients of replicated parameters are already reduced by GSPMD
+        return worker(SpmdReplica(self.topology, self._mesh))

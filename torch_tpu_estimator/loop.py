@@ -1,0 +1,121 @@
+"""One loop for train, evaluate and predict: windows of steps on the device, host work at window
+ends, and hooks with the same phases in every mode.
+
+A ModeProgram says what one mode does with a step and with a window's outputs; run_loop does the
+rest alike for all three: the step runner, heartbeats, one transfer per window, hooks, a stop
+(the mode's own end, the input's end, a hook's request, SIGTERM) agreed by every process.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .context import ModeContext
+from .hooks import Hook, RunContext, Window
+from .input import HostBatch
+from .preemption import TerminationRequest
+from .runtime.base import Progress, Replica
+from .windows import WindowedBatches
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+
+class ModeProgram(abc.ABC):
+    """What one mode does inside the loop."""
+
+    def __init__(self, ctx: ModeContext, global_step: int):
+        self.ctx = ctx
+        self.context = RunContext(ctx.mode, global_step, ctx.is_chief, ctx.model_dir)
+        self.steps_done = 0  # steps of this call so far
+
+    def steps_left(self) -> float:
+        """Steps this mode may still run before its own end (a target, an eval step count)."""
+        return math.inf
+
+    @abc.abstractmethod
+    def step(self, batch: HostBatch) -> Any:
+        """One step on the device; returns its outputs, still on the device."""
+
+    @abc.abstractmethod
+    def window_end(self, outputs: list[Any], batches: list[HostBatch],
+                   seconds: float) -> tuple[Window, Any]:
+        """Host work once a window's outputs are read back: the Window hooks see, and what
+        the loop yields (predictions), if anything."""
+
+    def after_hooks(self, window: Window, hooks: Sequence[Hook]) -> None:
+        """Host work after the hooks saw the window (training's periodic checkpoint)."""
+
+    def finish(self, hooks: Sequence[Hook], preempted: bool) -> None:
+        """Host work after the last window, before the hooks' end (training's last checkpoint)."""
+
+
+def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hook],
+             interrupt: TerminationRequest | None = None) -> Iterator[Any]:
+    """Runs `program` window by window and yields what each window end gives. Returns (as the
+    generator's value) whether SIGTERM, on any process, ended the run."""
+    ctx, context = program.ctx, program.context
+    replica = ctx.replica
+    counters = replica.device_counters()
+    for hook in hooks:
+        hook.begin(context)
+    run_step = ctx.step_runner()
+    preempted = False
+    try:
+        while True:
+            outputs, batches = [], []
+            for batch in windows.window(program.steps_left()):
+                number = program.steps_done + 1
+                replica.heartbeat(Progress.MODEL_FN, number)
+                outputs.append(run_step(lambda batch=batch: program.step(batch)))
+                replica.heartbeat(Progress.INPUT, number + 1)
+                batches.append(batch)
+                program.steps_done = number
+            replica.heartbeat(Progress.HOST, program.steps_done + 1)
+            if outputs:
+                window, result = program.window_end(outputs, batches, windows.seconds())
+                for hook in hooks:
+                    hook.after_window(context, window)
+                program.after_hooks(window, hooks)
+                if result is not None:
+                    yield result
+            stops = replica.host_gather((windows.exhausted or program.steps_left() <= 0
+                                         or context.stop_requested,
+                                         interrupt is not None and interrupt.requested))
+            preempted = any(signalled for _, signalled in stops)
+            if preempted or any(stop for stop, _ in stops):
+                break
+    finally:
+        windows.close()
+    program.finish(hooks, preempted)
+    for hook in hooks:
+        hook.end(context)
+    log_device_report(replica, ctx.mode, counters)
+    return preempted
+
+
+def run_to_end(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hook],
+               interrupt: TerminationRequest | None = None) -> bool:
+    """run_loop for a mode that yields nothing (train, evaluate); returns whether SIGTERM
+    ended it."""
+    loop = run_loop(program, windows, hooks, interrupt)
+    while True:
+        try:
+            next(loop)
+        except StopIteration as done:
+            return bool(done.value)
+
+
+def log_device_report(replica: Replica, mode: str, before: dict[str, float]) -> None:
+    """Logs what the call cost the device: compilations (and their time), executions and
+    device-to-host transfers, counted since `before` (replica.device_counters())."""
+    after = replica.device_counters()
+    if not after:
+        return
+    spent = {key: after[key] - before.get(key, 0) for key in after}
+    logger.info("%s on XLA: %d compilation(s) in %.2f s, %d execution(s), %d device-to-host "
+                "transfer(s)", mode, spent["compilations"], spent["compile_seconds"],
+                spent["executions"], spent["transfers_to_host"])

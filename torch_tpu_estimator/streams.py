@@ -1,0 +1,59 @@
+"""This process's input in one mode, as a component of the run's resumable state.
+
+One InputPipeline per input_fn call this process makes (context.ModeContext.input_shards),
+joined step by step. In training the streams remember how far the steps have read them (not how
+far the device loader has prefetched), and hand that position to the checkpoint and take it back
+on resume, through state_dict / load_state_dict like every other stateful component.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .input import HostBatch, InputPipeline, InputPosition, concatenated
+from .job import InputFn
+
+if TYPE_CHECKING:
+    from .context import ModeContext
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+
+class InputStreams:
+    """input_fn's batches for this process, and where each of its streams stands."""
+
+    def __init__(self, ctx: ModeContext, input_fn: InputFn):
+        self.ctx, self.input_fn = ctx, input_fn
+        self.shards = ctx.input_shards()
+        self.positions = {shard.key: InputPosition() for shard in self.shards}
+
+    def host_batches(self) -> Iterator[HostBatch]:
+        """Calls input_fn once per stream and yields this process's batches, each stream from
+        its current position."""
+        streams = []
+        for shard in self.shards:
+            pipeline = InputPipeline(self.ctx.call_input_fn(self.input_fn, shard), self.ctx.mode,
+                                     shard, self.ctx.config.input_config, self.ctx.config.seed)
+            streams.append(pipeline.batches(self.positions[shard.key]))
+        return concatenated(streams)
+
+    def consumed(self, batch: HostBatch) -> None:
+        """Marks `batch` as used by a step: a checkpoint now resumes after it."""
+        self.positions.update(batch.positions)
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        """This process's streams' positions (a checkpoint gathers every process's)."""
+        return {key: dataclasses.asdict(position) for key, position in self.positions.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Takes this process's streams' positions from every stream's in a checkpoint; a
+        stream the checkpoint does not know (another input layout wrote it) starts afresh."""
+        for key in self.positions:
+            if state and key not in state:
+                logger.warning("the checkpoint holds no position for input stream %r (it was "
+                               "written with another input layout): it starts from the first "
+                               "batch of the data", key)
+            self.positions[key] = InputPosition(**state.get(key, {}))

@@ -1,0 +1,236 @@
+"""The update step: what happens to the weights after model_fn, built in or in model_fn's hands.
+
+Built in (UpdateConfig): zero the gradients, backward, average them over replicas, clip them by
+global norm, step the optimizer and its LR scheduler, update the EMA of the weights; with
+`accumulation_steps=k`, k micro-batches run inside one compiled step before the one update.
+
+Manual (TF's `train_op` role): a model_fn that takes an argument named `update` may run the
+update itself, with as many optimizers as optimizer_fn returned (a dict of them):
+
+    def model_fn(model, features, labels, mode, params, update):
+        ...
+        update.step(d_loss, "discriminator")   # zero grads, backward, reduce, clip, step
+        update.step(g_loss, "generator")
+        return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
+
+or, below that, `update.backward(loss)`, `update.reduce_gradients(name)`,
+`update.clip_grad_norm(max_norm, name)` and the optimizers themselves (`update.optimizers`).
+Whatever it keeps (optimizers, schedulers, EMA) is in the checkpoint and resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .config import UpdateConfig
+from .runtime.base import Progress, Replica
+from .tree import map_tensors
+
+DEFAULT_OPTIMIZER = "default"
+
+
+class ExponentialMovingAverage:
+    """A moving average of a module's weights on its device: floating tensors are averaged
+    (ema += (1 - decay) * (weights - ema)), other buffers copied; one foreach op a step."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module, self.decay = module, decay
+        self.shadow = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+    def update(self) -> None:
+        current = self.module.state_dict()
+        floating = [name for name, tensor in self.shadow.items() if tensor.is_floating_point()]
+        with torch.no_grad():
+            torch._foreach_lerp_([self.shadow[name] for name in floating],
+                                 [current[name].detach() for name in floating], 1.0 - self.decay)
+            for name, tensor in self.shadow.items():
+                if not tensor.is_floating_point():
+                    tensor.copy_(current[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise ValueError(f"the checkpoint's EMA holds {sorted(state)}, the model "
+                             f"{sorted(self.shadow)}")
+        with torch.no_grad():
+            for name, tensor in self.shadow.items():
+                tensor.copy_(state[name])
+
+
+def split_optimizer_fn_result(made: Any) -> tuple[dict[str, torch.optim.Optimizer],
+                                                  dict[str, Any]]:
+    """optimizer_fn's answer (an optimizer, (optimizer, scheduler), or a dict of name -> either)
+    as named optimizers and their schedulers (None where there is none)."""
+    named = made if isinstance(made, Mapping) else {DEFAULT_OPTIMIZER: made}
+    optimizers, schedulers = {}, {}
+    for name, value in named.items():
+        optimizer, scheduler = value if isinstance(value, tuple) else (value, None)
+        if not isinstance(name, str) or not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "optimizer_fn must return a torch.optim.Optimizer, (optimizer, lr_scheduler), or "
+                f"a dict of str names to either; got {type(optimizer).__name__} for {name!r}")
+        optimizers[name], schedulers[name] = optimizer, scheduler
+    if not optimizers:
+        raise TypeError("optimizer_fn returned an empty dict: give at least one optimizer")
+    return optimizers, schedulers
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [parameter for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def _micro_batch(tree: Any, index: int, count: int) -> Any:
+    """Rows index, index + count, index + 2 count, ... of every tensor: each replica's block of
+    rows gives every micro-batch its share, so an SPMD mesh needs no data movement."""
+    return map_tensors(lambda tensor: tensor.reshape(
+        tensor.shape[0] // count, count, *tensor.shape[1:])[:, index], tree)
+
+
+def _joined(trees: list[Any]) -> Any:
+    """Micro-batches' outputs as one batch's: rows concatenated, scalars averaged."""
+    return tree_map(lambda *leaves: (torch.stack(leaves).mean(0) if leaves[0].dim() == 0
+                                     else torch.cat(leaves)) if isinstance(leaves[0], torch.Tensor)
+                    else leaves[0], *trees)
+
+
+class UpdateStep:
+    """The training update of one replica: its optimizers, schedulers and EMA, and the step."""
+
+    def __init__(self, replica: Replica, model: torch.nn.Module,
+                 optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+                 config: UpdateConfig):
+        self.replica, self.model, self.config = replica, model, config
+        self.optimizers, self.schedulers = optimizers, schedulers
+        self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
+        self.global_step = 0  # the step being run, counted from 1
+        self.took_charge = False  # whether model_fn ran an update in this step
+
+    def _named(self, name: str | None) -> str:
+        if name is None:
+            if len(self.optimizers) > 1:
+                raise ValueError(f"several optimizers ({sorted(self.optimizers)}): name the one "
+                                 "to update")
+            return next(iter(self.optimizers))
+        if name not in self.optimizers:
+            raise ValueError(f"no optimizer named {name!r}; optimizer_fn gave "
+                             f"{sorted(self.optimizers)}")
+        return name
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(): gradients of this replica's batch (not yet averaged)."""
+        self.replica.heartbeat(Progress.UPDATE, self.global_step)
+        loss.backward()
+
+    def reduce_gradients(self, optimizer: str | None = None) -> None:
+        """Averages the gradients of an optimizer's parameters over replicas (a no-op with one
+        replica, and on an SPMD mesh, where the compiler already reduced them)."""
+        self.replica.reduce_gradients(_parameters(self.optimizers[self._named(optimizer)]))
+
+    def clip_grad_norm(self, max_norm: float, optimizer: str | None = None) -> torch.Tensor:
+        """Scales an optimizer's gradients to a global L2 norm of at most `max_norm`; returns
+        the norm before clipping (a device tensor: reading it syncs). Call it after
+        reduce_gradients, so that every replica clips the same averaged gradients."""
+        parameters = _parameters(self.optimizers[self._named(optimizer)])
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def apply(self, optimizer: str | None = None) -> torch.Tensor | None:
+        """The built-in update from gradients already computed: reduce, clip (UpdateConfig
+        .clip_global_norm), optimizer step, scheduler step. Returns the norm before clipping."""
+        name = self._named(optimizer)
+        self.replica.heartbeat(Progress.UPDATE, self.global_step)
+        self.reduce_gradients(name)
+        norm = None
+        if self.config.clip_global_norm is not None:
+            norm = self.clip_grad_norm(self.config.clip_global_norm, name)
+        self.optimizers[name].step()
+        if self.schedulers[name] is not None:
+            self.schedulers[name].step()
+        return norm
+
+    def step(self, loss: torch.Tensor, optimizer: str | None = None) -> torch.Tensor | None:
+        """The whole update of one optimizer from `loss`, run inside model_fn: zero its
+        gradients, backward, then apply(). Returns the norm before clipping."""
+        self.took_charge = True
+        name = self._named(optimizer)
+        self.optimizers[name].zero_grad(set_to_none=True)
+        self.backward(loss)
+        return self.apply(name)
+
+    def run(self, call_model_fn: Callable[[Any, Any, dict, UpdateStep | None], Any],
+            features: Any, labels: Any, params: dict, step: int) -> Any:
+        """One training step: model_fn on the batch (or on each of its micro-batches), then
+        the built-in update unless model_fn ran its own. Returns model_fn's spec, its loss (and
+        host_call tensors) joined over micro-batches."""
+        self.global_step, self.took_charge = step, False
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        count = self.config.accumulation_steps
+        if count == 1:
+            spec = call_model_fn(features, labels, params, self)
+            if not self.took_charge:
+                self._require_one_optimizer()
+                self.backward(spec.loss)
+                self.apply()
+        else:
+            spec = self._accumulated(call_model_fn, features, labels, params, count)
+            self.apply()
+        if self.ema is not None:
+            self.ema.update()
+        return spec
+
+    def _accumulated(self, call_model_fn: Callable[..., Any], features: Any, labels: Any,
+                     params: dict, count: int) -> Any:
+        self._require_one_optimizer()
+        micro_params = {**params, "batch_size": params["batch_size"] // count}
+        specs = []
+        for index in range(count):
+            spec = call_model_fn(_micro_batch(features, index, count),
+                                 _micro_batch(labels, index, count), micro_params, None)
+            self.backward(spec.loss / count)
+            specs.append(spec)
+        last = specs[-1]
+        last.loss = torch.stack([spec.loss.detach() for spec in specs]).mean()
+        if last.host_call is not None:
+            last.host_call = (last.host_call[0],
+                              _joined([spec.host_call[1] for spec in specs]))
+        return last
+
+    def _require_one_optimizer(self) -> None:
+        if len(self.optimizers) > 1:
+            raise ValueError(
+                f"optimizer_fn gave several optimizers ({sorted(self.optimizers)}): model_fn must "
+                "run the update itself, taking an argument named `update` and calling "
+                "update.step(loss, name) for each (the built-in update, and gradient "
+                "accumulation, drive one optimizer)")
+
+    def learning_rate(self) -> float:
+        """The first optimizer's first parameter group's learning rate, before this step."""
+        return float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {name: optimizer.state_dict()
+                               for name, optimizer in self.optimizers.items()},
+                "schedulers": {name: scheduler.state_dict() if scheduler is not None else None
+                               for name, scheduler in self.schedulers.items()},
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores what state_dict gave; an optimizer or EMA the checkpoint lacks starts
+        afresh (a run that adds one), a name it holds that this run lacks is an error."""
+        unknown = set(state["optimizers"]) - set(self.optimizers)
+        if unknown:
+            raise ValueError(f"the checkpoint holds optimizers {sorted(unknown)} that "
+                             f"optimizer_fn does not make (it makes {sorted(self.optimizers)})")
+        for name, optimizer_state in state["optimizers"].items():
+            self.optimizers[name].load_state_dict(optimizer_state)
+            scheduler_state = state["schedulers"].get(name)
+            if self.schedulers[name] is not None and scheduler_state is not None:
+                self.schedulers[name].load_state_dict(scheduler_state)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])

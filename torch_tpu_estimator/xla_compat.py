@@ -1,0 +1,87 @@
+"""Every private or patched torch_xla use, in one place, checked against the pinned release.
+
+The estimator relies on a few torch_xla internals that have no public equivalent in 2.9: reading
+an exporter's HLO as it lowers, running an HLO computation inside the lazy graph, stopping a
+device loader's threads, converting device trees to CPU in one transfer. Each is wrapped here,
+so that a new torch_xla release is checked and followed in this file only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import torch
+import torch_xla
+import torch_xla.core.xla_model as xm
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+TESTED_RELEASE = "2.9"  # setup.py pins torch-xla==2.9.0
+
+if not torch_xla.__version__.startswith(TESTED_RELEASE):
+    logger.warning("torch_xla %s is installed; torch_tpu_estimator is tested with %s.x and uses "
+                   "some of its internals (xla_compat.py): expect breakage",
+                   torch_xla.__version__, TESTED_RELEASE)
+
+
+def expected_tpu_devices() -> int:
+    """TPU chips this host will drive, found without starting the XLA runtime."""
+    from torch_xla._internal import tpu
+
+    return tpu.num_expected_global_devices()
+
+
+def close_loader(loader: Any) -> None:
+    """Stops an MpDeviceLoader's host and device threads (it has no public close in 2.9)."""
+    loader._parallel_loader.close()
+
+
+def to_cpu(tree: Any) -> Any:
+    """Every XLA tensor of a nested structure copied to the host in one transfer."""
+    return xm._maybe_convert_to_cpu(tree)
+
+
+@contextlib.contextmanager
+def capturing_hlo() -> Iterator[list[bytes]]:
+    """While entered, each StableHLO lowering by torch_xla also appends the HLO module of the
+    same traced graph to the yielded list (exported_program_to_stablehlo keeps its traced
+    tensors to itself; the HLO is read from them as it asks for their StableHLO)."""
+    captured: list[bytes] = []
+    to_stablehlo = xm.get_stablehlo_bytecode
+
+    def stablehlo_and_hlo(tensors: list[torch.Tensor]) -> bytes:
+        captured.append(torch_xla._XLAC._get_xla_tensors_hlo_proto(tensors))
+        return to_stablehlo(tensors)
+
+    with mock.patch.object(xm, "get_stablehlo_bytecode", stablehlo_and_hlo):
+        yield captured
+
+
+def bundle_of(program: Any) -> Any:
+    """The StableHLOModelBundle inside a StableHLOGraphModule."""
+    return program._bundle
+
+
+def run_computation(op_name: str, arguments: list[torch.Tensor], computation: Any
+                    ) -> list[torch.Tensor]:
+    """Runs an HLO computation on device tensors as one op of the lazy graph, so it is
+    compiled once per shape and cached like any traced graph."""
+    return list(torch_xla._XLAC._xla_user_computation(op_name, arguments, computation))
+
+
+def tf_function_of(function: Any, bundle: Any) -> Any:
+    """A StableHLO function as a TF function calling XlaCallModule (tf_saved_model_integration)."""
+    from torch_xla.tf_saved_model_integration import _wrap_as_tf_func
+
+    return _wrap_as_tf_func(function, bundle)
+
+
+def tf_variable_name(name: str) -> str:
+    """A weight's name as torch_xla's SavedModel writer names its TF variable."""
+    from torch_xla.tf_saved_model_integration import _mangle_tf_root_scope_name
+
+    return _mangle_tf_root_scope_name(name)
