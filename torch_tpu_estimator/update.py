@@ -125,7 +125,16 @@ class UpdateStep:
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward(): gradients of this replica's batch (not yet averaged)."""
         self.replica.heartbeat(Progress.UPDATE, self.global_step)
-        loss.backward()
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            if "device_ready_queues_" not in str(error):
+                raise
+            raise RuntimeError(
+                "autograd cannot run backward on the XLA device: this process ran a backward "
+                "pass before the XLA runtime started, and autograd's engine then knows no XLA "
+                "device. Call torch_xla.device() (or train this estimator) before any other "
+                "backward pass") from None
 
     def reduce_gradients(self, optimizer: str | None = None) -> None:
         """Averages the gradients of an optimizer's parameters over replicas (a no-op with one

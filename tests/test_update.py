@@ -1,0 +1,255 @@
+"""The update step: clipping by global norm after the gradients are averaged over replicas,
+gradient accumulation inside one compiled step, an EMA of the weights, and model_fn taking
+charge of the update with two optimizers (a GAN) that resumes bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Net, make_data, make_estimator, model_fn, run_fresh
+from torch.utils.data import TensorDataset
+
+from torch_tpu_estimator import (
+    InputPipelineConfig,
+    ModeKeys,
+    RunConfig,
+    TPUConfig,
+    TPUEstimator,
+    TPUEstimatorSpec,
+    UpdateConfig,
+)
+
+CLIP = 0.05
+
+# One SGD step (lr 1) with clipping, on a layout given by argv: prints the weights after it.
+CLIPPED_STEP = r"""
+import json, sys, torch
+from helpers import make_data, make_estimator
+from torch_tpu_estimator import InputPipelineConfig, UpdateConfig
+layout, model_dir = sys.argv[1], sys.argv[2]
+kwargs = {"xla": {}, "spmd4": {"strategy": "spmd"},
+          "gloo2": {"use_tpu": False, "num_shards": 2}}[layout]
+estimator = make_estimator(model_dir, params={"lr": 1.0}, update_config=UpdateConfig(
+    clip_global_norm=float(sys.argv[3])), input_config=InputPipelineConfig(shuffle=False),
+    **kwargs)
+estimator.train(lambda params: make_data(64), steps=1)
+print(json.dumps({name: estimator.get_variable_value(name).tolist()
+                  for name in estimator.get_variable_names() if name != "global_step"}))
+"""
+
+
+def _hand_clipped_gradient() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """The initial weights, the first batch's gradient clipped to CLIP by hand, and its norm."""
+    torch.manual_seed(0)  # RunConfig.seed seeds model_init_fn
+    net = Net()
+    initial = {name: value.detach().clone() for name, value in net.state_dict().items()}
+    features, labels = make_data(64).tensors
+    F.cross_entropy(net(features[:8]), labels[:8]).backward()
+    grads = {name: parameter.grad for name, parameter in net.named_parameters()}
+    norm = float(torch.sqrt(sum((grad ** 2).sum() for grad in grads.values())))
+    return initial, {name: grad * CLIP / norm for name, grad in grads.items()}, norm
+
+
+@pytest.mark.parametrize("layout", ["xla", "spmd4", "gloo2"])
+def test_clipping_applies_to_the_averaged_gradient_on_every_layout(tmp_path, layout):
+    initial, clipped, norm = _hand_clipped_gradient()
+    assert norm > 5 * CLIP  # the clip is active
+    weights = run_fresh(CLIPPED_STEP, layout, tmp_path, CLIP,
+                        CPU_NUM_DEVICES="4" if layout == "spmd4" else "1")
+    applied = {name: initial[name] - torch.tensor(value) for name, value in weights.items()}
+    applied_norm = float(torch.sqrt(sum((step ** 2).sum() for step in applied.values())))
+    assert applied_norm == pytest.approx(CLIP, rel=1e-4)
+    for name, step in applied.items():
+        np.testing.assert_allclose(step, clipped[name], rtol=1e-3, atol=1e-7, err_msg=name)
+
+
+ACCUMULATED = r"""
+import json, sys, torch
+import torch_xla.debug.metrics as met
+from helpers import adam_with_schedule, make_data, make_estimator
+from torch_tpu_estimator import Hook, UpdateConfig
+
+class Losses(Hook):
+    def __init__(self):
+        self.losses = []
+    def after_window(self, context, window):
+        self.losses.extend(float(loss) for loss in window.losses)
+
+steps, model_dir = int(sys.argv[1]), sys.argv[2]
+losses = Losses()
+estimator = make_estimator(model_dir, optimizer_fn=adam_with_schedule, train_batch_size=16,
+                           update_config=UpdateConfig(accumulation_steps=steps))
+estimator.train(lambda params: make_data(96), steps=12, hooks=[losses])
+print(json.dumps({"compiles": met.metric_data("CompileTime")[0], "losses": losses.losses,
+                  "weights": {name: estimator.get_variable_value(name).tolist()
+                              for name in estimator.get_variable_names()}}))
+"""
+
+
+def test_four_micro_batches_update_like_one_batch_in_as_many_graphs(tmp_path):
+    """k=4 micro-batches of 4 rows equal one batch of 16 (no batch norm), Adam with a schedule,
+    and compile as many graphs (one step graph, and Adam's first step)."""
+    whole = run_fresh(ACCUMULATED, 1, tmp_path / "whole")
+    accumulated = run_fresh(ACCUMULATED, 4, tmp_path / "accumulated")
+    assert accumulated["compiles"] == whole["compiles"] <= 3
+    np.testing.assert_allclose(accumulated["losses"], whole["losses"], rtol=1e-5)
+    for name, value in whole["weights"].items():
+        np.testing.assert_allclose(accumulated["weights"][name], value, rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_accumulation_needs_a_batch_the_micro_batches_divide(tmp_path):
+    with pytest.raises(ValueError, match=r"train_batch_size=10 is not divisible by the number "
+                                         r"of replicas x UpdateConfig.accumulation_steps \(4\)"):
+        make_estimator(tmp_path, train_batch_size=10,
+                       update_config=UpdateConfig(accumulation_steps=4))
+
+
+def test_the_ema_follows_the_weights_and_serves_inference(tmp_path):
+    decay = 0.8
+    estimator = make_estimator(tmp_path, iterations_per_loop=1, save_checkpoints_steps=1,
+                               keep_checkpoint_max=None,
+                               update_config=UpdateConfig(ema_decay=decay))
+    data = make_data(64)
+    estimator.train(lambda params: data, steps=5)
+    torch.manual_seed(0)
+    expected = {name: value.clone() for name, value in Net().state_dict().items()}
+    for step in range(1, 6):
+        weights = torch.load(tmp_path / f"model.ckpt-{step}.pt", weights_only=True)["model"]
+        expected = {name: decay * value + (1 - decay) * weights[name]
+                    for name, value in expected.items()}
+    saved = torch.load(tmp_path / "model.ckpt-5.pt", weights_only=True)
+    for name, value in expected.items():
+        torch.testing.assert_close(saved["ema"][name], value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(saved["ema"][name], saved["model"][name])
+
+    features = data.tensors[0][:8]
+    for use_ema, weights in ((True, saved["ema"]), (False, saved["model"])):
+        reader = make_estimator(tmp_path, update_config=UpdateConfig(
+            ema_decay=decay, ema_for_inference=use_ema))
+        predicted = torch.stack([item["logits"] for item in reader.predict(
+            lambda params: TensorDataset(features))])
+        net = Net()
+        net.load_state_dict(weights)
+        torch.testing.assert_close(predicted, net(features).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_use_tpu_in_params_names_the_runtime_evaluate_runs_on(tmp_path):
+    seen = {}
+
+    def recording_model_fn(model, features, labels, mode, params):
+        seen[mode] = params["use_tpu"]
+        return model_fn(model, features, labels, mode, params)
+
+    estimator = make_estimator(tmp_path, fn=recording_model_fn, eval_on_tpu=False)
+    estimator.train(lambda params: make_data(32), steps=1)
+    estimator.evaluate(lambda params: make_data(8))
+    assert seen == {ModeKeys.TRAIN: True, ModeKeys.EVAL: False}
+
+
+# --- model_fn in charge of the update: a GAN on a toy 2-D distribution -----------------------
+
+TARGET = (2.0, -1.0)
+
+
+class GAN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(),
+                                             torch.nn.Linear(16, 2))
+        self.discriminator = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(),
+                                                 torch.nn.Linear(16, 1))
+
+
+def gan_model_fn(model, features, mode, update):
+    noise = torch.randn(features.shape[0], 2, device=features.device)
+    fake = model.generator(noise)
+    if mode == ModeKeys.PREDICT:
+        return TPUEstimatorSpec(mode, predictions=fake)
+    real_logits, fake_logits = model.discriminator(features), model.discriminator(fake.detach())
+    d_loss = (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+              + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    update.step(d_loss, "discriminator")
+    g_logits = model.discriminator(fake)
+    g_loss = F.binary_cross_entropy_with_logits(g_logits, torch.ones_like(g_logits))
+    update.step(g_loss, "generator")
+    return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
+
+
+def gan_optimizers(model, params):
+    optimizers = {}
+    for name in ("generator", "discriminator"):
+        optimizer = torch.optim.Adam(getattr(model, name).parameters(), lr=0.01, betas=(0.5, 0.999))
+        optimizers[name] = (optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 4, 0.9))
+    return optimizers
+
+
+def gan_estimator(model_dir, fn=gan_model_fn, **update):
+    return TPUEstimator(
+        model_fn=fn, model_init_fn=lambda params: GAN(), optimizer_fn=gan_optimizers,
+        model_dir=str(model_dir), train_batch_size=64, predict_batch_size=64,
+        config=RunConfig(save_checkpoints_steps=None, tpu_config=TPUConfig(iterations_per_loop=5),
+                         update_config=UpdateConfig(ema_decay=0.9, **update),
+                         input_config=InputPipelineConfig(shuffle=True)))
+
+
+def gan_data() -> TensorDataset:
+    return TensorDataset(torch.tensor(TARGET) + 0.3 * torch.randn(
+        512, 2, generator=torch.Generator().manual_seed(1)))
+
+
+def test_a_gan_with_two_optimizers_learns_the_target(tmp_path):
+    estimator = gan_estimator(tmp_path)
+    estimator.train(lambda params: gan_data(), steps=1)
+
+    def distance() -> float:
+        samples = torch.stack(list(estimator.predict(lambda params: TensorDataset(
+            torch.zeros(256, 2)))))
+        return float((samples.mean(0) - torch.tensor(TARGET)).norm())
+
+    before = distance()
+    estimator.train(lambda params: gan_data(), max_steps=400)
+    assert distance() < 0.3 * before
+
+
+def test_a_gan_resumes_bit_for_bit_with_both_optimizers_schedulers_and_the_ema(tmp_path):
+    def final(name, plan):
+        estimator = gan_estimator(tmp_path / name)
+        for steps in plan:
+            estimator.train(lambda params: gan_data(), steps=steps)
+        return torch.load(estimator.latest_checkpoint(), weights_only=True)
+
+    split, whole = final("split", [7, 13]), final("whole", [20])
+    assert split["global_step"] == whole["global_step"] == 20
+    for key in ("model", "ema"):
+        for name, value in whole[key].items():
+            assert torch.equal(split[key][name], value), (key, name)
+    assert sorted(whole["optimizers"]) == ["discriminator", "generator"]
+    for optimizer, state in whole["optimizers"].items():
+        for index, slots in state["state"].items():
+            for slot, value in slots.items():
+                assert torch.equal(split["optimizers"][optimizer]["state"][index][slot], value)
+    assert split["schedulers"] == whole["schedulers"]
+    assert whole["schedulers"]["generator"]["last_epoch"] == 20
+
+
+def test_several_optimizers_without_a_manual_update_is_a_clear_error(tmp_path):
+    def automatic(model, features, mode):
+        return TPUEstimatorSpec(mode, loss=model.discriminator(features).mean())
+
+    with pytest.raises(ValueError, match=r"optimizer_fn gave several optimizers "
+                                         r"\(\['discriminator', 'generator'\]\): model_fn must "
+                                         r"run the update itself"):
+        gan_estimator(tmp_path, fn=automatic).train(lambda params: gan_data(), steps=1)
+
+
+def test_a_model_fn_argument_that_cannot_be_bound_fails_before_any_work(tmp_path):
+    def unknown_argument(model, features, labels, mode, hyperparameters):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match=r"model_fn takes an argument 'hyperparameters' that "
+                                         r"cannot be bound"):
+        make_estimator(tmp_path, fn=unknown_argument)
+    assert list(tmp_path.iterdir()) == []
