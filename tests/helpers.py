@@ -94,6 +94,20 @@ def read_scalars(directory: str) -> dict[str, dict[int, float]]:
     return scalars
 
 
+def child_pids() -> list[int]:
+    """This process's living children (from /proc; zombies excluded)."""
+    children = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            children.append(int(entry))
+    return children
+
+
 def run_fresh(script: str, *args, **env_overrides) -> object:
     """Runs `script` in a new interpreter (empty compile cache, no runtime started, no autograd
     threads) and returns the JSON its last output line holds."""

@@ -84,17 +84,7 @@ def test_replicas_die_when_the_launching_process_is_killed(tmp_path):
 SELF_LAUNCHED = r"""
 import json, os, sys
 import torch_xla.distributed.xla_multiprocessing as xmp
-from helpers import make_data, make_estimator
-
-def children():
-    count = 0
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                count += handle.read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
-        except OSError:
-            pass
-    return count
+from helpers import child_pids, make_data, make_estimator
 
 def _mp_fn(index, model_dir):
     from torch_tpu_estimator.runtime.xla_mp import launched_by_xmp_spawn
@@ -105,7 +95,7 @@ def _mp_fn(index, model_dir):
     print(json.dumps({"self_launched": launched_by_xmp_spawn(), "step": int(metrics["global_step"]),
                       "predictions": len(predictions),
                       "caller_is_replica": estimator.topology.caller_is_replica,
-                      "processes": estimator.topology.num_processes, "children": children()}))
+                      "processes": estimator.topology.num_processes, "children": child_pids()}))
 
 xmp.spawn(_mp_fn, args=(sys.argv[1],), nprocs=1)
 """
@@ -116,4 +106,4 @@ def test_a_script_that_launches_itself_with_xmp_spawn_is_one_replica(tmp_path):
     spawned process is recognised as a replica, as under torchrun: nothing is spawned again."""
     outcome = run_fresh(SELF_LAUNCHED, tmp_path)
     assert outcome == {"self_launched": True, "step": 4, "predictions": 5,
-                       "caller_is_replica": True, "processes": 1, "children": 0}
+                       "caller_is_replica": True, "processes": 1, "children": []}

@@ -98,7 +98,7 @@ def test_sigterm_writes_a_checkpoint_and_the_restart_continues_bit_for_bit(tmp_p
 
 HANG = r"""
 import json, os, signal, sys, time
-from helpers import make_data, make_estimator, model_fn
+from helpers import child_pids, make_data, make_estimator, model_fn
 how, model_dir = sys.argv[1], sys.argv[2]
 calls = [0]
 
@@ -110,18 +110,6 @@ def hanging_model_fn(model, features, labels, mode, params):
         else:
             os.kill(os.getpid(), signal.SIGSTOP)
     return model_fn(model, features, labels, mode, params)
-
-def child_pids():
-    children = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            children.append(int(entry))
-    return children
 
 estimator = make_estimator(model_dir, use_tpu=False, num_shards=2, fn=hanging_model_fn,
                            replica_timeout_secs=8)

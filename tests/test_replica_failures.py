@@ -12,20 +12,8 @@ from helpers import make_data, make_estimator, run_fresh
 
 SCENARIO = r"""
 import json, os, signal, sys
-from helpers import make_data, make_estimator, model_fn
+from helpers import child_pids, make_data, make_estimator, model_fn
 from torch.utils.data import TensorDataset
-
-def child_pids():
-    children = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            children.append(int(entry))
-    return children
 
 def fails_on_replica_1(action):
     def model_fn_that_fails(model, features, labels, mode, params):
