@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from torch_tpu_estimator import (
     Hook,
-    InputPipelineConfig,
+    DatasetConfig,
     ModeKeys,
     RunConfig,
     TPUConfig,
@@ -116,7 +116,7 @@ def run(config: dict) -> dict:
         model_dir=config["model_dir"],
         use_tpu=runtime in ("xla", "spmd"),
         config=RunConfig(tpu_config=tpu_config, save_checkpoints_steps=4, save_summary_steps=2,
-                         input_config=InputPipelineConfig(shuffle=config.get("shuffle", True))),
+                         dataset_config=DatasetConfig(shuffle=config.get("shuffle", True))),
         train_batch_size=GLOBAL_BATCH, eval_batch_size=GLOBAL_BATCH,
         predict_batch_size=GLOBAL_BATCH)
     recorder = LossRecorder()

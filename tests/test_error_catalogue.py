@@ -122,7 +122,8 @@ CATALOGUE = [
      ValueError, r"batch of 16 examples but params\['batch_size'\] is 8"),
     ("warm_start_from-not-a-path",
      lambda model_dir: _estimator(model_dir, warm_start_from=3),
-     TypeError, "warm_start_from must be a checkpoint path or a model_dir, got int"),
+     TypeError, "warm_start_from must be a checkpoint path, a model_dir or a WarmStartSettings, "
+                "got int"),
     ("export-example-features-that-do-not-fit",
      lambda model_dir: _estimator(model_dir).export_saved_model(
          os.path.join(model_dir, "export"), torch.zeros(2, 5)),

@@ -335,7 +335,7 @@ def test_a_failed_write_leaves_no_partial_export(trained, tmp_path, monkeypatch)
     ({"assets_extra": {"a.txt": __file__, "./a.txt": __file__}}, ValueError,
      "assets_extra names 'a.txt' twice"),
     ({"assets_extra": {"a.txt": "/no/such/file"}}, ValueError, "'/no/such/file'.*is not a file"),
-    ({"as_tf_saved_model": "yes"}, TypeError, "as_tf_saved_model must be a bool"),
+    ({"as_tf_saved_model": "yes"}, TypeError, "as_tf_saved_model and as_text must be bools"),
     ({"checkpoint_path": "/no/such/model.ckpt-1.pt"}, FileNotFoundError, "no checkpoint file"),
 ])
 def test_bad_export_arguments_are_named_before_any_work(trained, tmp_path, kwargs, error, message):

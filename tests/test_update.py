@@ -12,7 +12,7 @@ from helpers import Net, make_data, make_estimator, model_fn, run_fresh
 from torch.utils.data import TensorDataset
 
 from torch_tpu_estimator import (
-    InputPipelineConfig,
+    DatasetConfig,
     ModeKeys,
     RunConfig,
     TPUConfig,
@@ -27,12 +27,12 @@ CLIP = 0.05
 CLIPPED_STEP = r"""
 import json, sys, torch
 from helpers import make_data, make_estimator
-from torch_tpu_estimator import InputPipelineConfig, UpdateConfig
+from torch_tpu_estimator import DatasetConfig, UpdateConfig
 layout, model_dir = sys.argv[1], sys.argv[2]
 kwargs = {"xla": {}, "spmd4": {"strategy": "spmd"},
           "gloo2": {"use_tpu": False, "num_shards": 2}}[layout]
 estimator = make_estimator(model_dir, params={"lr": 1.0}, update_config=UpdateConfig(
-    clip_global_norm=float(sys.argv[3])), input_config=InputPipelineConfig(shuffle=False),
+    clip_global_norm=float(sys.argv[3])), dataset_config=DatasetConfig(shuffle=False),
     **kwargs)
 estimator.train(lambda params: make_data(64), steps=1)
 print(json.dumps({name: estimator.get_variable_value(name).tolist()
@@ -192,7 +192,7 @@ def gan_estimator(model_dir, fn=gan_model_fn, **update):
         model_dir=str(model_dir), train_batch_size=64, predict_batch_size=64,
         config=RunConfig(save_checkpoints_steps=None, tpu_config=TPUConfig(iterations_per_loop=5),
                          update_config=UpdateConfig(ema_decay=0.9, **update),
-                         input_config=InputPipelineConfig(shuffle=True)))
+                         dataset_config=DatasetConfig(shuffle=True)))
 
 
 def gan_data() -> TensorDataset:

@@ -30,7 +30,8 @@ def test_iterations_per_loop_accepts_steps_or_a_duration(value, expected):
     ({"iterations_per_loop": True}, "iterations_per_loop"),
     ({"num_shards": 0}, "num_shards must be a positive int or None, got 0"),
     ({"strategy": "ring"}, "strategy must be one of .*'ring'"),
-    ({"per_host_input_for_training": "yes"}, "per_host_input_for_training must be a bool"),
+    ({"per_host_input_for_training": "yes"}, "per_host_input_for_training must be a bool or one "
+                                             "of TF's InputPipelineConfig modes"),
 ])
 def test_tpu_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -70,7 +71,7 @@ def _estimator(**overrides):
     ({"optimizer_fn": 0.1}, TypeError, "optimizer_fn must be callable, got float"),
     ({"config": {"seed": 1}}, TypeError, "config must be a RunConfig, got dict"),
     ({"batch_axis": (1, 0)}, ValueError, r"batch_axis=\(1, 0\) is not supported"),
-    ({"use_tpu": "yes"}, TypeError, "use_tpu and eval_on_tpu must be bools"),
+    ({"use_tpu": "yes"}, TypeError, "use_tpu, eval_on_tpu and export_to_tpu must be bools"),
     ({"warm_start_from": 5}, TypeError, "warm_start_from must be a checkpoint path"),
 ])
 def test_constructor_rejects_bad_arguments(tmp_path, overrides, error, message):

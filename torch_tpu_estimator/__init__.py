@@ -1,6 +1,6 @@
 """TensorFlow's TPUEstimator pattern for PyTorch/XLA: write model_fn and input_fn, then train."""
 
-from .config import InputPipelineConfig, RunConfig, TPUConfig, UpdateConfig
+from .config import DatasetConfig, InputPipelineConfig, RunConfig, TPUConfig, UpdateConfig
 from .estimator import TPUEstimator
 from .hooks import (
     CheckpointSaverListener,
@@ -21,6 +21,7 @@ from .update import UpdateStep
 
 __all__ = [
     "CheckpointSaverListener",
+    "DatasetConfig",
     "EarlyStopping",
     "EstimatorSpec",
     "ExportedModel",

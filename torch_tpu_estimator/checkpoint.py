@@ -11,6 +11,7 @@ name and skipped for the previous one, and the next save moves it aside as `<nam
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -20,6 +21,7 @@ import os
 import pickle
 import re
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -113,15 +115,49 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> str:
     return writer.digest.hexdigest()
 
 
-def _checked_index(index: Any, index_path: str) -> dict[str, str | None]:
-    """The index's entries after checking every name: a checkpoint file name inside model_dir
-    (never a path that leads elsewhere), and every digest: a SHA-256 hex string or none."""
+@dataclasses.dataclass
+class Index:
+    """What checkpoint.json says of the kept checkpoints.
+
+    digests: name -> SHA-256 recorded when written (None in an index older than digests),
+      oldest first. written: name -> unix time it was written. preserved: the names kept for
+      good by keep_checkpoint_every_n_hours (retention skips them). hours_anchor: the time the
+      next such checkpoint is counted from.
+    """
+
+    digests: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    written: dict[str, float] = dataclasses.field(default_factory=dict)
+    preserved: list[str] = dataclasses.field(default_factory=list)
+    hours_anchor: float | None = None
+
+    def to_json(self) -> str:
+        names = list(self.digests)
+        return json.dumps({"latest": names[-1] if names else None, "checkpoints": names,
+                           "sha256": self.digests, "written": self.written,
+                           "preserved": self.preserved, "hours_anchor": self.hours_anchor},
+                          indent=1)
+
+    def drop(self, name: str) -> None:
+        del self.digests[name]
+        self.written.pop(name, None)
+        if name in self.preserved:
+            self.preserved.remove(name)
+
+
+def _checked_index(index: Any, index_path: str) -> Index:
+    """The index after checking every name (a checkpoint file name inside model_dir, never a
+    path that leads elsewhere), every digest (a SHA-256 hex string or none) and every time."""
     if not isinstance(index, dict) or not isinstance(index.get("checkpoints"), list):
         raise ValueError(f"{index_path} is not a checkpoint index: no list 'checkpoints'")
     digests = index.get("sha256", {})
-    if not isinstance(digests, dict):
-        raise ValueError(f"{index_path} is not a checkpoint index: 'sha256' is not a dict")
-    entries = {}
+    written = index.get("written", {})
+    preserved = index.get("preserved", [])
+    anchor = index.get("hours_anchor")
+    if not isinstance(digests, dict) or not isinstance(written, dict) or \
+            not isinstance(preserved, list) or not (anchor is None or _is_time(anchor)):
+        raise ValueError(f"{index_path} is not a checkpoint index: 'sha256', 'written', "
+                         "'preserved' or 'hours_anchor' has the wrong type")
+    checked = Index(hours_anchor=anchor)
     for name in index["checkpoints"]:
         plain_name(name, f"checkpoint index {index_path}")
         if not _CHECKPOINT_NAME.match(name):
@@ -132,32 +168,57 @@ def _checked_index(index: Any, index_path: str) -> dict[str, str | None]:
         if digest is not None and not (isinstance(digest, str) and _SHA256.match(digest)):
             raise ValueError(f"checkpoint index {index_path} gives {name!r} the digest "
                              f"{digest!r}, which is not a SHA-256")
-        entries[name] = digest
-    return entries
+        checked.digests[name] = digest
+        if _is_time(written.get(name)):
+            checked.written[name] = written[name]
+    checked.preserved = [name for name in preserved if name in checked.digests]
+    return checked
 
 
-def _read_index(model_dir: str) -> dict[str, str | None]:
-    """The kept checkpoints, oldest first, each with the SHA-256 recorded when it was written
-    (None in an index written before digests were recorded)."""
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def read_index(model_dir: str) -> Index:
+    """The index of the checkpoints of model_dir that still exist (empty without an index)."""
     index_path = os.path.join(model_dir, INDEX_NAME)
     try:
         with open(index_path) as handle:
-            entries = _checked_index(json.load(handle), index_path)
+            index = _checked_index(json.load(handle), index_path)
     except FileNotFoundError:
-        return {}
+        return Index()
     except ValueError as error:
         if "checkpoint index" in str(error):
             raise
         raise ValueError(f"{index_path} is not a checkpoint index: {error}") from error
-    return {name: digest for name, digest in entries.items()
-            if os.path.exists(os.path.join(model_dir, name))}
+    for name in [name for name in index.digests
+                 if not os.path.exists(os.path.join(model_dir, name))]:
+        index.drop(name)
+    return index
 
 
-def _write_index(model_dir: str, index: dict[str, str | None]) -> None:
-    names = list(index)
-    text = json.dumps({"latest": names[-1] if names else None, "checkpoints": names,
-                       "sha256": index}, indent=1)
-    atomic_write(os.path.join(model_dir, INDEX_NAME), lambda handle: handle.write(text.encode()))
+def now() -> float:
+    """The wall clock checkpoints are timed by (tests replace it)."""
+    return time.time()
+
+
+def retain(index: Index, keep_max: int | None, every_n_hours: float | None) -> list[str]:
+    """Applies retention to `index` (newest last); returns the names to delete. The newest
+    `keep_max` are kept (None: all); of the older ones, each written at least `every_n_hours`
+    after the last one kept that way is kept for good, as TF's Saver does."""
+    candidates = [name for name in index.digests if name not in index.preserved]
+    surplus = candidates[: max(0, len(candidates) - keep_max)] if keep_max else []
+    deleted = []
+    for name in surplus:
+        written = index.written.get(name)
+        if every_n_hours is not None and written is not None and \
+                written - (index.hours_anchor or 0.0) >= every_n_hours * 3600:
+            index.preserved.append(name)
+            index.hours_anchor = written
+            continue
+        deleted.append(name)
+        index.drop(name)
+    return deleted
 
 
 def _sha256(path: str) -> str:
@@ -216,7 +277,7 @@ def latest_checkpoint(model_dir: str | None) -> str | None:
     """
     if not model_dir or not os.path.isdir(model_dir):
         return None
-    index = _read_index(model_dir)
+    index = read_index(model_dir).digests
     for name, digest in reversed(index.items()):
         path = os.path.join(model_dir, name)
         problem = damage(path, digest)
@@ -269,42 +330,43 @@ def _move_aside(model_dir: str, name: str, suffix: str) -> str:
     raise AssertionError("unreachable")
 
 
-def _set_aside(model_dir: str, index: dict[str, str | None], new_name: str
-               ) -> dict[str, str | None]:
+def _set_aside(model_dir: str, index: Index, new_name: str) -> None:
     """Moves out of the way, never deleting or overwriting them: the checkpoints this process
     found damaged (`<name>.damaged`), and a file already at `new_name` (damaged if the index
-    lists it, else `<name>.unlisted`: not ours to overwrite). Returns the index without them."""
-    intact = {}
-    for name, digest in index.items():
+    lists it, else `<name>.unlisted`: not ours to overwrite). Drops them from the index."""
+    for name in list(index.digests):
         path = os.path.abspath(os.path.join(model_dir, name))
         if path in _DAMAGED or name == new_name:
             moved = _move_aside(model_dir, name, "damaged")
             _DAMAGED.discard(path)
+            index.drop(name)
             logger.warning("Moved the damaged checkpoint %s to %s", name, moved)
-        else:
-            intact[name] = digest
     if os.path.exists(os.path.join(model_dir, new_name)):
         moved = _move_aside(model_dir, new_name, "unlisted")
         logger.warning("%s was not listed in %s: moved it to %s rather than overwrite it",
                        new_name, INDEX_NAME, moved)
-    return intact
 
 
 def save_checkpoint(model_dir: str, global_step: int, state: dict,
-                    keep_checkpoint_max: int | None) -> str:
-    """Writes `state` as the checkpoint of `global_step` and keeps the newest ones."""
+                    keep_checkpoint_max: int | None,
+                    keep_checkpoint_every_n_hours: float | None = None) -> str:
+    """Writes `state` as the checkpoint of `global_step`, then applies retention."""
     os.makedirs(model_dir, exist_ok=True)
     _remove_stale_temporaries(model_dir)
     name = checkpoint_name(global_step)
-    index = _set_aside(model_dir, _read_index(model_dir), name)
+    index = read_index(model_dir)
+    _set_aside(model_dir, index, name)
     path = os.path.join(model_dir, name)
     digest = atomic_write(path, lambda handle: torch.save(state, handle))
-    index[name] = digest
     _VERIFIED.add(_identity(path, digest))  # hashed as written: no read back
-    names = list(index)
-    kept = names[-keep_checkpoint_max:] if keep_checkpoint_max else names
-    _write_index(model_dir, {kept_name: index[kept_name] for kept_name in kept})
-    for old in names[: len(names) - len(kept)]:
+    index.digests[name] = digest
+    index.written[name] = now()
+    if index.hours_anchor is None:  # TF counts from when the saver started: here, the first save
+        index.hours_anchor = index.written[name]
+    deleted = retain(index, keep_checkpoint_max, keep_checkpoint_every_n_hours)
+    atomic_write(os.path.join(model_dir, INDEX_NAME),
+                 lambda handle: handle.write(index.to_json().encode()))
+    for old in deleted:
         os.remove(os.path.join(model_dir, old))
     logger.info("Saved checkpoint for step %d into %s", global_step, path)
     return path

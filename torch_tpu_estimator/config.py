@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 
 from .spec import ModeKeys
@@ -44,17 +45,42 @@ def parse_iterations_per_loop(value: int | str) -> tuple[int | None, float | Non
     )
 
 
-@dataclasses.dataclass(frozen=True)
 class InputPipelineConfig:
-    """How the estimator batches a `Dataset` that input_fn returns.
+    """TF's names for where input_fn runs in training (TPUConfig.per_host_input_for_training),
+    with TF's values, so that ported code reads as it did. How each maps onto this project's
+    two layouts is in TPUConfig."""
 
-    shuffle: reshuffle training examples every pass, seeded by `RunConfig.seed` and the pass
-      number, so a resumed run sees the same order. Eval and predict never shuffle.
+    PER_SHARD_V1 = 1
+    PER_HOST_V1 = 2
+    PER_HOST_V2 = 3
+    BROADCAST = 4
+    SLICED = 5
+
+
+_INPUT_MODES = {name: value for name, value in vars(InputPipelineConfig).items()
+                if name.isupper()}
+_PER_HOST_MODES = (InputPipelineConfig.PER_HOST_V1, InputPipelineConfig.BROADCAST,
+                   InputPipelineConfig.SLICED)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """How the estimator batches what input_fn returns.
+
+    shuffle: reshuffle a map-style Dataset's training examples every pass, seeded by
+      `RunConfig.seed` and the pass number, so a resumed run sees the same order. Eval and
+      predict never shuffle.
     num_workers: DataLoader worker processes for that batching.
+    num_epochs: passes over the training data, counted since the model_dir's first step (as
+      max_steps counts steps): training ends after that many, or at the step limit if one
+      comes first. None repeats the data until the step limit; with no step limit either
+      (train(input_fn) alone), each train() call reads to the end of one pass, as TF's
+      Estimator does with a Dataset that is not repeated.
     """
 
     shuffle: bool = True
     num_workers: int = 0
+    num_epochs: int | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.shuffle, bool), f"shuffle must be a bool, got {self.shuffle!r}")
@@ -62,6 +88,19 @@ class InputPipelineConfig:
             isinstance(self.num_workers, int) and self.num_workers >= 0,
             f"num_workers must be an int >= 0, got {self.num_workers!r}",
         )
+        _positive_int_or_none("num_epochs", self.num_epochs)
+
+
+def _ignored_tf_arguments(owner: str, arguments: dict[str, object]) -> None:
+    """Warns once that TF-graph-only arguments a ported script passes have no effect here."""
+    given = sorted(name for name, value in arguments.items() if value is not None)
+    if given and (owner, tuple(given)) not in _WARNED:
+        _WARNED.add((owner, tuple(given)))
+        warnings.warn(f"{owner} ignores {', '.join(given)}: they configure TF graphs and sessions, "
+                      "which PyTorch/XLA does not have", stacklevel=4)
+
+
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +112,17 @@ class TPUConfig:
     num_shards: number of replicas. With use_tpu: None means every local device, and any other
       value must match it. With use_tpu=False: None is one process (or torchrun's WORLD_SIZE);
       N > 1 makes the estimator launch N CPU processes joined by gloo.
-    per_host_input_for_training: True calls input_fn once per process with the global batch and
-      gives each replica its rows of every batch; False calls it once per replica with the
-      per-replica batch and `params["context"]` naming the shard input_fn must read. Eval and
-      predict always read per-host input.
+    per_host_input_for_training: where input_fn runs in training, as a bool or by TF's names
+      (InputPipelineConfig). Per-host (True, PER_HOST_V1, and BROADCAST and SLICED, which
+      deliver the same batches when input_fn is deterministic): input_fn is called once per
+      process with the global batch, and each replica keeps its rows of every batch.
+      Per-replica (False, PER_SHARD_V1, and PER_HOST_V2 where a host drives one replica):
+      input_fn is called once per replica with the per-replica batch and `params["context"]`
+      naming the shard it must read. PER_HOST_V2 on an SPMD mesh (one process, several
+      replicas) is refused: use PER_HOST_V1 or PER_SHARD_V1. Eval and predict always read
+      per-host input.
+    experimental_host_call_every_n_steps: the TRAIN spec's host_call runs for every n-th step
+      only (its tensors are kept and read back for those steps alone).
     strategy: XLA only. "mp" runs one process per device (xmp.spawn); "spmd" runs one process
       over a mesh of every local device (GSPMD), where model_fn sees the global batch.
     max_graphs_per_mode: XLA only. {mode: n} allows at most n different traced step graphs in
@@ -93,24 +139,33 @@ class TPUConfig:
 
     iterations_per_loop: int | str = 2
     num_shards: int | None = None
-    per_host_input_for_training: bool = True
+    per_host_input_for_training: bool | int | str = True
     strategy: str = "mp"
     max_graphs_per_mode: Mapping[str, int] | None = None
     replica_timeout_secs: float = 1800.0
+    experimental_host_call_every_n_steps: int = 1
+    tpu_job_name: dataclasses.InitVar[str | None] = None
+    initial_infeed_sleep_secs: dataclasses.InitVar[float | None] = None
+    eval_training_input_configuration: dataclasses.InitVar[object] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, tpu_job_name: str | None, initial_infeed_sleep_secs: float | None,
+                      eval_training_input_configuration: object) -> None:
+        _ignored_tf_arguments("TPUConfig", {
+            "tpu_job_name": tpu_job_name, "initial_infeed_sleep_secs": initial_infeed_sleep_secs,
+            "eval_training_input_configuration": eval_training_input_configuration})
         parse_iterations_per_loop(self.iterations_per_loop)
+        _positive_int_or_none("experimental_host_call_every_n_steps",
+                              self.experimental_host_call_every_n_steps)
         _require(isinstance(self.replica_timeout_secs, (int, float))
                  and not isinstance(self.replica_timeout_secs, bool)
                  and self.replica_timeout_secs > 0,
                  f"replica_timeout_secs must be a positive number of seconds, got "
                  f"{self.replica_timeout_secs!r}")
         _positive_int_or_none("num_shards", self.num_shards)
-        _require(
-            isinstance(self.per_host_input_for_training, bool),
-            "per_host_input_for_training must be a bool, "
-            f"got {self.per_host_input_for_training!r}",
-        )
+        mode = self.per_host_input_for_training
+        _require(isinstance(mode, bool) or mode in _INPUT_MODES or mode in _INPUT_MODES.values(),
+                 f"per_host_input_for_training must be a bool or one of TF's "
+                 f"InputPipelineConfig modes {sorted(_INPUT_MODES)}, got {mode!r}")
         _require(
             self.strategy in STRATEGIES,
             f"strategy must be one of {STRATEGIES}, got {self.strategy!r}",
@@ -122,6 +177,19 @@ class TPUConfig:
             _require(mode in ModeKeys.ALL,
                      f"max_graphs_per_mode has the key {mode!r}; modes are {ModeKeys.ALL}")
             _positive_int_or_none(f"max_graphs_per_mode[{mode!r}]", limit)
+
+    @property
+    def input_mode(self) -> int:
+        """per_host_input_for_training as one of TF's InputPipelineConfig values."""
+        mode = self.per_host_input_for_training
+        if isinstance(mode, bool):
+            return InputPipelineConfig.PER_HOST_V1 if mode else InputPipelineConfig.PER_SHARD_V1
+        return _INPUT_MODES.get(mode, mode)
+
+    @property
+    def per_host_input(self) -> bool:
+        """Whether training input is per-host (else per-replica)."""
+        return self.input_mode in _PER_HOST_MODES
 
     def max_graphs(self, mode: str) -> int | None:
         """The most different step graphs `mode` may trace, or None for no limit."""
@@ -175,19 +243,54 @@ class UpdateConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Where a run writes and how often (checkpoints, summaries, logs), the seed, and how
-    replicas, input and the update step are set up."""
+    replicas, input and the update step are set up.
+
+    save_checkpoints_steps / save_checkpoints_secs: a checkpoint at the first window end when
+      that many steps, or seconds, have passed since the last one (both may be set: whichever
+      comes first), and one at the end of train().
+    keep_checkpoint_max: the newest kept; keep_checkpoint_every_n_hours also keeps, for good,
+      one checkpoint per that many hours of the run, as TF's Saver does.
+    TF arguments that configure graphs and sessions (session_config, cluster, master, ...) are
+    accepted so that a ported script runs, with a one-time warning that they are ignored.
+    """
 
     model_dir: str | None = None
     save_checkpoints_steps: int | None = 100
+    save_checkpoints_secs: float | None = None
     keep_checkpoint_max: int | None = 5
+    keep_checkpoint_every_n_hours: float | None = None
     log_step_count_steps: int | None = 100
     save_summary_steps: int | None = 100
     seed: int = 0
     tpu_config: TPUConfig = dataclasses.field(default_factory=TPUConfig)
-    input_config: InputPipelineConfig = dataclasses.field(default_factory=InputPipelineConfig)
+    dataset_config: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
     update_config: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
+    session_config: dataclasses.InitVar[object] = None
+    cluster: dataclasses.InitVar[object] = None
+    master: dataclasses.InitVar[str | None] = None
+    evaluation_master: dataclasses.InitVar[str | None] = None
+    device_fn: dataclasses.InitVar[object] = None
+    protocol: dataclasses.InitVar[str | None] = None
+    train_distribute: dataclasses.InitVar[object] = None
+    eval_distribute: dataclasses.InitVar[object] = None
+    experimental_max_worker_delay_secs: dataclasses.InitVar[float | None] = None
+    session_creation_timeout_secs: dataclasses.InitVar[float | None] = None
+    checkpoint_save_graph_def: dataclasses.InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, session_config: object, cluster: object, master: str | None,
+                      evaluation_master: str | None, device_fn: object, protocol: str | None,
+                      train_distribute: object, eval_distribute: object,
+                      experimental_max_worker_delay_secs: float | None,
+                      session_creation_timeout_secs: float | None,
+                      checkpoint_save_graph_def: bool | None) -> None:
+        _ignored_tf_arguments("RunConfig", {
+            "session_config": session_config, "cluster": cluster, "master": master,
+            "evaluation_master": evaluation_master, "device_fn": device_fn,
+            "protocol": protocol, "train_distribute": train_distribute,
+            "eval_distribute": eval_distribute,
+            "experimental_max_worker_delay_secs": experimental_max_worker_delay_secs,
+            "session_creation_timeout_secs": session_creation_timeout_secs,
+            "checkpoint_save_graph_def": checkpoint_save_graph_def})
         _require(
             self.model_dir is None or isinstance(self.model_dir, str),
             f"model_dir must be a str or None, got {self.model_dir!r}",
@@ -195,6 +298,11 @@ class RunConfig:
         for name in ("save_checkpoints_steps", "keep_checkpoint_max", "log_step_count_steps",
                      "save_summary_steps"):
             _positive_int_or_none(name, getattr(self, name))
+        for name in ("save_checkpoints_secs", "keep_checkpoint_every_n_hours"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, (int, float))
+                                       and not isinstance(value, bool) and value > 0),
+                     f"{name} must be a positive number or None, got {value!r}")
         _require(
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
             f"seed must be an int >= 0, got {self.seed!r}",
@@ -204,8 +312,8 @@ class RunConfig:
             f"tpu_config must be a TPUConfig, got {type(self.tpu_config).__name__}",
         )
         _require(
-            isinstance(self.input_config, InputPipelineConfig),
-            f"input_config must be an InputPipelineConfig, got {type(self.input_config).__name__}",
+            isinstance(self.dataset_config, DatasetConfig),
+            f"dataset_config must be a DatasetConfig, got {type(self.dataset_config).__name__}",
         )
         _require(
             isinstance(self.update_config, UpdateConfig),

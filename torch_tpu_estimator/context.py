@@ -69,7 +69,7 @@ class ModeContext:
     def per_host_input(self) -> bool:
         """Per-replica input is a training layout only, as in TPUEstimator: eval and predict
         read per-host input so that no example is dropped or seen twice."""
-        return (self.config.tpu_config.per_host_input_for_training or self.mode != ModeKeys.TRAIN
+        return (self.config.tpu_config.per_host_input or self.mode != ModeKeys.TRAIN
                 or self.replica.topology.num_replicas == 1)
 
     def input_shards(self) -> list[InputShard]:

@@ -28,6 +28,7 @@ from .runtime.torch_dist import TorchLauncher, cpu_replica
 from .signature import DEFAULT_SERVING_BATCH_SIZES, named_rows
 from .spec import ModeKeys
 from .train import train_replica
+from .warm_start import WarmStartSettings
 
 logger = logging.getLogger("torch_tpu_estimator")
 T = TypeVar("T")
@@ -114,7 +115,8 @@ class TPUEstimator:
     torch.nn.Module once per replica; optimizer_fn(model, params) returns an optimizer,
     (optimizer, lr_scheduler), or a dict of name -> either. Batch sizes are global:
     `params["batch_size"]` holds the per-replica batch in model_fn and the per-input-pipeline
-    batch in input_fn.
+    batch in input_fn. `export_to_tpu` is accepted for ported code and has no effect: an export
+    is XLA HLO, which serves on any XLA device, TPU included.
     """
 
     def __init__(
@@ -129,7 +131,8 @@ class TPUEstimator:
         predict_batch_size: int | None = None,
         batch_axis: Sequence[int] | None = None,
         eval_on_tpu: bool = True,
-        warm_start_from: str | None = None,
+        warm_start_from: str | WarmStartSettings | None = None,
+        export_to_tpu: bool = True,
         *,
         model_init_fn: ModelInitFn | None = None,
         optimizer_fn: OptimizerFn | None = None,
@@ -150,17 +153,19 @@ class TPUEstimator:
                     f"params holds the reserved key {key!r}; TPUEstimator sets it. "
                     f"Reserved keys: {RESERVED_PARAMS}"
                 )
-        if not isinstance(use_tpu, bool) or not isinstance(eval_on_tpu, bool):
-            raise TypeError("use_tpu and eval_on_tpu must be bools")
+        if not all(isinstance(flag, bool) for flag in (use_tpu, eval_on_tpu, export_to_tpu)):
+            raise TypeError("use_tpu, eval_on_tpu and export_to_tpu must be bools")
         if batch_axis is not None and any(axis != 0 for axis in batch_axis):
             raise ValueError(
                 f"batch_axis={tuple(batch_axis)} is not supported: every input tensor is split "
                 "along its first dimension"
             )
-        if warm_start_from is not None and not isinstance(warm_start_from, str):
+        if isinstance(warm_start_from, str):
+            warm_start_from = WarmStartSettings(warm_start_from)
+        if warm_start_from is not None and not isinstance(warm_start_from, WarmStartSettings):
             raise TypeError(
-                f"warm_start_from must be a checkpoint path or a model_dir, got "
-                f"{type(warm_start_from).__name__}"
+                f"warm_start_from must be a checkpoint path, a model_dir or a WarmStartSettings, "
+                f"got {type(warm_start_from).__name__}"
             )
         self._launcher: Launcher = resolve_launcher(use_tpu, config.tpu_config)
         self._eval_launcher = self._launcher if eval_on_tpu else TorchLauncher(
@@ -318,6 +323,7 @@ class TPUEstimator:
         checkpoint_path: str | None = None,
         batch_sizes: Sequence[int] = DEFAULT_SERVING_BATCH_SIZES,
         as_tf_saved_model: bool = False,
+        as_text: bool = False,
     ) -> str:
         """Exports the latest (or given) checkpoint for serving; returns the new directory.
 
@@ -327,6 +333,8 @@ class TPUEstimator:
         its `export_outputs`, else its `predictions`, are the outputs. `assets_extra` maps a
         path inside `assets.extra/` to the file copied there. The layout is in export.py;
         `load_exported` serves it. Under torchrun the chief exports and every rank gets the path.
+        TF's `as_text` is accepted and changes nothing: every function is written as text (.mlir)
+        beside its bytecode anyway.
         """
         if not isinstance(export_dir_base, (str, os.PathLike)):
             raise TypeError(f"export_dir_base must be a path, got {type(export_dir_base).__name__}")
@@ -335,8 +343,8 @@ class TPUEstimator:
             raise ValueError(f"export_dir_base {export_dir_base!r} exists and is not a directory")
         sizes = _check_batch_sizes(batch_sizes)
         assets = _check_assets_extra(assets_extra)
-        if not isinstance(as_tf_saved_model, bool):
-            raise TypeError("as_tf_saved_model must be a bool")
+        if not isinstance(as_tf_saved_model, bool) or not isinstance(as_text, bool):
+            raise TypeError("as_tf_saved_model and as_text must be bools")
         from .export import export_model  # imports torch_xla, which plain PyTorch runs skip
         from .tf_export import import_tensorflow
         if as_tf_saved_model:
@@ -358,6 +366,17 @@ class TPUEstimator:
                                 as_tf_saved_model)
 
         return self._launcher.run_on_chief(export)
+
+    def export_savedmodel(self, export_dir_base: str,
+                          serving_input_receiver_fn_or_example_features: Any,
+                          assets_extra: Mapping[str, str] | None = None, as_text: bool = False,
+                          checkpoint_path: str | None = None, strip_default_attrs: bool = False,
+                          **kwargs: Any) -> str:
+        """TF 1's name for export_saved_model (`strip_default_attrs` concerns TF graphs only)."""
+        return self.export_saved_model(export_dir_base,
+                                       serving_input_receiver_fn_or_example_features,
+                                       assets_extra=assets_extra, as_text=as_text,
+                                       checkpoint_path=checkpoint_path, **kwargs)
 
     def latest_checkpoint(self) -> str | None:
         """Path of the newest intact checkpoint in model_dir, or None; a damaged newer one is

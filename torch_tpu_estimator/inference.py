@@ -88,6 +88,7 @@ class EvalProgram(ModeProgram):
         with torch.no_grad():
             spec = self.ctx.call_model_fn(self.state.model, batch.features, batch.labels,
                                           self.params)
+        self.note_spec_hooks(spec)
         rows = self.params["batch_size"]
         if spec.loss.dim() == 0 and batch.num_real < rows and not self.warned:
             self.warned = True
@@ -185,6 +186,7 @@ class PredictProgram(ModeProgram):
         with torch.no_grad():
             spec = self.ctx.call_model_fn(self.state.model, batch.features, batch.labels,
                                           self.params)
+        self.note_spec_hooks(spec)
         return _select(spec.predictions, self.predict_keys)
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],

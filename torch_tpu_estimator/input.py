@@ -40,7 +40,8 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate
 
-from .config import InputPipelineConfig
+from .config import DatasetConfig
+from .data import TensorSlices
 from .runtime.base import ReplicaContext
 from .spec import ModeKeys
 from .tree import map_tensors, tensors_of
@@ -197,9 +198,10 @@ _END = object()
 class InputPipeline:
     """Turns what one input_fn call returned into HostBatches of `shard.rows` rows."""
 
-    def __init__(self, source: Any, mode: str, shard: InputShard, config: InputPipelineConfig,
-                 seed: int):
+    def __init__(self, source: Any, mode: str, shard: InputShard, config: DatasetConfig,
+                 seed: int, one_pass: bool = False):
         self.source = source
+        self.one_pass = one_pass
         self.kind = _kind_of(source)
         self.mode = mode
         self.shard = shard
@@ -218,15 +220,20 @@ class InputPipeline:
             )
 
     def batches(self, start: InputPosition = InputPosition()) -> Iterator[HostBatch]:
-        """Training: pass after pass from `start` while passes restart; otherwise one pass."""
+        """Training: pass after pass from `start`, until DatasetConfig.num_epochs passes (counted
+        from the first) or, with `one_pass`, to the end of the first pass this call reads from;
+        eval and predict: one pass."""
         for epoch in itertools.count(start.epoch):
+            if self.training and self.config.num_epochs is not None and \
+                    epoch >= self.config.num_epochs:
+                return
             skip = start.batch if epoch == start.epoch else 0
             produced = 0
             for features, labels, num_real, consumed in self._one_pass(epoch, skip):
                 produced += 1
                 position = InputPosition(epoch, consumed)
                 yield HostBatch(features, labels, num_real, {self.shard.key: position})
-            if not self.training or self.kind == "one_shot":
+            if not self.training or self.kind == "one_shot" or (self.one_pass and produced):
                 return
             if produced == 0 and skip == 0:
                 raise ValueError(
@@ -253,31 +260,49 @@ class InputPipeline:
                           collate_fn=default_collate, **kwargs)
 
     def _map_dataset_pass(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any, int, int]]:
+        """Batches of a map-style Dataset from its `skip`-th on. The pass's order is one int64
+        tensor (no Python list per example: memory stays flat whatever the data set size),
+        and a TensorDataset or TensorSlices batch is one index_select per tensor, whose cost
+        does not depend on torch's intra-op threads (advanced indexing's did, 30x on a busy
+        machine)."""
         size, global_batch = len(self.source), self.global_batch_size
         if self.training and self.config.shuffle:
             generator = torch.Generator().manual_seed(pass_seed(self.seed, epoch))
-            order = torch.randperm(size, generator=generator).tolist()
+            order = torch.randperm(size, generator=generator)
         else:
-            order = list(range(size))
+            order = torch.arange(size)
         steps = size // global_batch if self.training else math.ceil(size / global_batch)
-        index_batches, real_counts = [], []
-        for step in range(skip, steps):
-            start = step * global_batch + self.first_row
-            rows = order[start:start + self.batch_size]
-            real_counts.append(len(rows))
-            rows = rows + [order[-1]] * (self.batch_size - len(rows))
-            index_batches.append(rows)
-        if type(self.source) is TensorDataset and not self.config.num_workers:  # not subclasses
-            # One indexing op per tensor: collating 128 rows one by one costs ~1 ms a batch, in
-            # the loader thread that shares the GIL with the step being traced.
-            loader = ([tensor[torch.tensor(rows)] for tensor in self.source.tensors]
-                      for rows in index_batches)
-        else:
-            loader = self._loader(self.source, epoch, batch_sampler=index_batches)
-        consumed = range(skip + 1, steps + 1)
-        for item, num_real, count in zip(loader, real_counts, consumed, strict=True):
+        batches = (self._rows(order, step) for step in range(skip, steps))
+        direct = (type(self.source) is TensorDataset or isinstance(self.source, TensorSlices)) \
+            and not self.config.num_workers  # TensorDataset: not its subclasses' __getitem__
+        if direct:
+            fetch = (lambda rows: self.source.rows(rows)) if isinstance(
+                self.source, TensorSlices) else (lambda rows: [
+                    torch.index_select(tensor, 0, rows) for tensor in self.source.tensors])
+            items = ((fetch(rows), num_real) for rows, num_real in batches)
+        else:  # the DataLoader collates, in workers if asked; the real counts travel beside it
+            real_counts: list[int] = []
+
+            def index_lists() -> Iterator[list[int]]:
+                for rows, num_real in batches:
+                    real_counts.append(num_real)
+                    yield rows.tolist()
+
+            loader = self._loader(self.source, epoch, batch_sampler=index_lists())
+            items = ((item, real_counts.pop(0)) for item in loader)
+        for count, (item, num_real) in enumerate(items, start=skip + 1):
             features, labels = split_example(item)
             yield features, labels, num_real, count
+
+    def _rows(self, order: torch.Tensor, step: int) -> tuple[torch.Tensor, int]:
+        """This process's row indices of global batch `step`, padded with the pass's last row,
+        and how many are real."""
+        start = step * self.global_batch_size + self.first_row
+        rows = order[start:start + self.batch_size]
+        missing = self.batch_size - rows.numel()
+        if missing > 0:
+            rows = torch.cat([rows, order[-1:].expand(missing)])
+        return rows, self.batch_size - max(missing, 0)
 
     def _slices(self, global_batches: Iterable[Any],
                 skip: int) -> Iterator[tuple[Any, Any, int, int]]:

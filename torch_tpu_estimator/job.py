@@ -14,6 +14,7 @@ import torch
 
 from .binding import Binding
 from .config import RunConfig
+from .warm_start import WarmStartSettings
 
 ModelInitFn = Callable[[dict], torch.nn.Module]
 OptimizerFn = Callable[[torch.nn.Module, dict], Any]
@@ -31,4 +32,4 @@ class Job:
     config: RunConfig
     model_dir: str
     batch_sizes: Mapping[str, int | None]
-    warm_start_from: str | None = None
+    warm_start_from: WarmStartSettings | None = None

@@ -19,9 +19,13 @@ from .hooks import Hook, RunContext, Window
 from .input import HostBatch
 from .preemption import TerminationRequest
 from .runtime.base import Progress, Replica
+from .spec import ModeKeys
 from .windows import WindowedBatches
 
 logger = logging.getLogger("torch_tpu_estimator")
+
+_SPEC_HOOKS = {ModeKeys.TRAIN: "training_hooks", ModeKeys.EVAL: "evaluation_hooks",
+               ModeKeys.PREDICT: "prediction_hooks"}
 
 
 class ModeProgram(abc.ABC):
@@ -31,6 +35,19 @@ class ModeProgram(abc.ABC):
         self.ctx = ctx
         self.context = RunContext(ctx.mode, global_step, ctx.is_chief, ctx.model_dir)
         self.steps_done = 0  # steps of this call so far
+        self.spec_hooks: list[Hook] | None = None  # the spec's hooks, once a step returned one
+
+    def note_spec_hooks(self, spec: Any) -> None:
+        """Keeps the hooks model_fn's first spec carries for this mode (training_hooks,
+        evaluation_hooks or prediction_hooks): run_loop runs them like the call's own."""
+        if self.spec_hooks is not None:
+            return
+        field = _SPEC_HOOKS[self.ctx.mode]
+        self.spec_hooks = list(getattr(spec, field) or ())
+        for hook in self.spec_hooks:
+            if not isinstance(hook, Hook):
+                raise TypeError(f"TPUEstimatorSpec.{field} must hold Hook instances, got "
+                                f"{type(hook).__name__}")
 
     def steps_left(self) -> float:
         """Steps this mode may still run before its own end (a target, an eval step count)."""
@@ -60,10 +77,11 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
     ctx, context = program.ctx, program.context
     replica = ctx.replica
     counters = replica.device_counters()
+    hooks = list(hooks)
     for hook in hooks:
         hook.begin(context)
     run_step = ctx.step_runner()
-    preempted = False
+    preempted, adopted = False, False
     try:
         while True:
             outputs, batches = [], []
@@ -74,6 +92,11 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
                 replica.heartbeat(Progress.INPUT, number + 1)
                 batches.append(batch)
                 program.steps_done = number
+                if not adopted and program.spec_hooks is not None:
+                    adopted = True
+                    for hook in program.spec_hooks:
+                        hook.begin(context)
+                    hooks.extend(program.spec_hooks)
             replica.heartbeat(Progress.HOST, program.steps_done + 1)
             if outputs:
                 window, result = program.window_end(outputs, batches, windows.seconds())

@@ -25,8 +25,10 @@ logger = logging.getLogger("torch_tpu_estimator")
 class InputStreams:
     """input_fn's batches for this process, and where each of its streams stands."""
 
-    def __init__(self, ctx: ModeContext, input_fn: InputFn):
-        self.ctx, self.input_fn = ctx, input_fn
+    def __init__(self, ctx: ModeContext, input_fn: InputFn, one_pass: bool = False):
+        """`one_pass`: training reads to the end of one pass over the data (train() was given
+        no step limit and DatasetConfig no num_epochs)."""
+        self.ctx, self.input_fn, self.one_pass = ctx, input_fn, one_pass
         self.shards = ctx.input_shards()
         self.positions = {shard.key: InputPosition() for shard in self.shards}
 
@@ -36,7 +38,8 @@ class InputStreams:
         streams = []
         for shard in self.shards:
             pipeline = InputPipeline(self.ctx.call_input_fn(self.input_fn, shard), self.ctx.mode,
-                                     shard, self.ctx.config.input_config, self.ctx.config.seed)
+                                     shard, self.ctx.config.dataset_config, self.ctx.config.seed,
+                                     self.one_pass)
             streams.append(pipeline.batches(self.positions[shard.key]))
         return concatenated(streams)
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import latest_checkpoint, resolve_checkpoint_path, save_checkpoint
+from . import checkpoint
+from .checkpoint import latest_checkpoint
 from .context import ModeContext
 from .gather import real_examples
 from .hooks import Hook, LoggingHook, NanLossGuard, Window
@@ -26,12 +27,13 @@ from .job import InputFn, Job
 from .locking import model_dir_lock
 from .loop import ModeProgram, run_to_end
 from .preemption import TerminationRequest
-from .run_state import Checkpoint, RunState, load_weights
+from .run_state import Checkpoint, RunState
 from .runtime.base import Replica
 from .spec import ModeKeys, call_with_tensors
 from .streams import InputStreams
 from .summary import TrainSummaryHook
 from .tree import map_tensors
+from .warm_start import warm_start
 from .windows import WindowedBatches, steps_to_next_stop
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -57,7 +59,9 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
         if replica.is_chief:
             stack.enter_context(model_dir_lock(job.model_dir))
         interrupt = stack.enter_context(TerminationRequest())
-        streams = InputStreams(ctx, input_fn)
+        one_pass = steps is None and max_steps is None and \
+            job.config.dataset_config.num_epochs is None
+        streams = InputStreams(ctx, input_fn, one_pass)
         state = RunState.build(ctx, streams)
         _restore_or_warm_start(ctx, state)
         target = max_steps if max_steps is not None else (
@@ -70,6 +74,10 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
         program = TrainProgram(ctx, state, target, hooks)
         state.model.train()
         preempted = run_to_end(program, windows, program.hooks, interrupt)
+        if windows.exhausted:
+            logger.info("Input ended at global step %d%s", state.global_step, (
+                ": one pass over the data, as train() was given no steps or max_steps and "
+                "DatasetConfig no num_epochs" if one_pass else ""))
         return TrainOutcome(state.global_step, preempted)
 
 
@@ -80,9 +88,7 @@ def _restore_or_warm_start(ctx: ModeContext, state: RunState) -> None:
         state.restore(Checkpoint.load(latest))
         logger.info("Restored %s (global step %d)", latest, state.global_step)
     elif ctx.job.warm_start_from is not None:
-        source = resolve_checkpoint_path(ctx.job.warm_start_from)
-        load_weights(state.model, Checkpoint.load(source).model_weights, source)
-        logger.info("Warm started the model's weights from %s", source)
+        warm_start(state.model, ctx.job.warm_start_from)
 
 
 class TrainProgram(ModeProgram):
@@ -100,9 +106,10 @@ class TrainProgram(ModeProgram):
         if config.save_summary_steps:
             self.hooks.append(TrainSummaryHook(ctx.model_dir, config.save_summary_steps))
         self.hooks.extend(user_hooks)
-        self.last_saved_step = state.global_step
+        self.last_saved_step, self.last_saved_time = state.global_step, checkpoint.now()
         self.learning_rates: list[float] = []
         self.host_call_fn: Callable[..., Any] | None = None
+        self.host_call_every = config.tpu_config.experimental_host_call_every_n_steps
 
     def steps_left(self) -> float:
         return steps_to_next_stop(self.state.global_step, self.target, self.hooks)
@@ -114,10 +121,11 @@ class TrainProgram(ModeProgram):
             lambda features, labels, params, update: self.ctx.call_model_fn(
                 self.state.model, features, labels, params, update),
             batch.features, batch.labels, self.params, self.state.global_step + 1)
+        self.note_spec_hooks(spec)
         self.state.global_step += 1
         self.state.streams.consumed(batch)
         host_call = None
-        if spec.host_call is not None:
+        if spec.host_call is not None and self.state.global_step % self.host_call_every == 0:
             self.host_call_fn, tensors = spec.host_call
             host_call = map_tensors(torch.Tensor.detach, tensors)
         return spec.loss.detach(), host_call
@@ -139,21 +147,29 @@ class TrainProgram(ModeProgram):
         return window, None
 
     def _run_host_call(self, per_step: list[Any], first_step: int) -> None:
-        """Calls a TRAIN spec's host_call fn on the chief once per step of the window, with that
+        """Calls a TRAIN spec's host_call fn on the chief once per step of the window that kept
+        its tensors (every n-th: TPUConfig.experimental_host_call_every_n_steps), with that
         step's tensors gathered from every replica (and `global_step=` when fn takes it)."""
         gathered = self.ctx.replica.host_gather(per_step)
         if not self.ctx.is_chief:
             return
         takes_step = "global_step" in inspect.signature(self.host_call_fn).parameters
         for index in range(len(per_step)):
+            if per_step[index] is None:
+                continue
             tensors = real_examples([[replica[index]] for replica in gathered],
                                     [[self.params["batch_size"]]] * len(gathered))
             extra = {"global_step": first_step + index + 1} if takes_step else {}
             call_with_tensors(self.host_call_fn, tensors, **extra)
 
     def after_hooks(self, window: Window, hooks: Sequence[Hook]) -> None:
-        every = self.ctx.config.save_checkpoints_steps
-        if every is not None and self.state.global_step - self.last_saved_step >= every:
+        config = self.ctx.config
+        due = config.save_checkpoints_steps is not None and \
+            self.state.global_step - self.last_saved_step >= config.save_checkpoints_steps
+        if config.save_checkpoints_secs is not None:  # the chief's clock decides for everyone
+            due = self.ctx.replica.host_gather(
+                due or checkpoint.now() - self.last_saved_time >= config.save_checkpoints_secs)[0]
+        if due:
             self._save(hooks)
 
     def finish(self, hooks: Sequence[Hook], preempted: bool) -> None:
@@ -170,9 +186,10 @@ class TrainProgram(ModeProgram):
         if self.ctx.is_chief:
             for hook in hooks:
                 hook.before_save(self.context)
-            path = save_checkpoint(self.ctx.model_dir, self.state.global_step, snapshot,
-                                   self.ctx.config.keep_checkpoint_max)
+            path = checkpoint.save_checkpoint(self.ctx.model_dir, self.state.global_step,
+                                              snapshot, self.ctx.config.keep_checkpoint_max,
+                                              self.ctx.config.keep_checkpoint_every_n_hours)
             for hook in hooks:
                 hook.after_save(self.context, path)
         self.ctx.replica.barrier("checkpoint_saved")
-        self.last_saved_step = self.state.global_step
+        self.last_saved_step, self.last_saved_time = self.state.global_step, checkpoint.now()
