@@ -55,15 +55,16 @@ def adam_with_schedule(model, params):
 def make_estimator(model_dir, use_tpu=True, iterations_per_loop=4, optimizer_fn=sgd,
                    dropout=0.0, params=None, train_batch_size=8, fn=model_fn, warm_start_from=None,
                    eval_on_tpu=True, num_shards=None, per_host_input_for_training=True,
-                   strategy="mp", max_graphs=None, replica_timeout_secs=1800.0, **config):
+                   strategy="mp", max_graphs=None, replica_timeout_secs=1800.0,
+                   model_init_fn=None, tpu_config_extra=None, **config):
     config.setdefault("log_step_count_steps", 1)
     tpu_config = TPUConfig(iterations_per_loop=iterations_per_loop, num_shards=num_shards,
                            per_host_input_for_training=per_host_input_for_training,
                            strategy=strategy, max_graphs_per_mode=max_graphs,
-                           replica_timeout_secs=replica_timeout_secs)
+                           replica_timeout_secs=replica_timeout_secs, **(tpu_config_extra or {}))
     return TPUEstimator(
         model_fn=fn,
-        model_init_fn=lambda p: Net(dropout=dropout),
+        model_init_fn=model_init_fn or (lambda p: Net(dropout=dropout)),
         optimizer_fn=optimizer_fn,
         model_dir=str(model_dir),
         use_tpu=use_tpu,

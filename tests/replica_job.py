@@ -19,8 +19,8 @@ from helpers import Net, make_data
 from torch.utils.data import DataLoader, TensorDataset
 
 from torch_tpu_estimator import (
-    Hook,
     DatasetConfig,
+    Hook,
     ModeKeys,
     RunConfig,
     TPUConfig,

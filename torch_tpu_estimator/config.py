@@ -251,7 +251,8 @@ class RunConfig:
     keep_checkpoint_max: the newest kept; keep_checkpoint_every_n_hours also keeps, for good,
       one checkpoint per that many hours of the run, as TF's Saver does.
     TF arguments that configure graphs and sessions (session_config, cluster, master, ...) are
-    accepted so that a ported script runs, with a one-time warning that they are ignored.
+    accepted so that a ported script runs, with a one-time warning that they are ignored;
+    tf_random_seed is TF's name for seed.
     """
 
     model_dir: str | None = None
@@ -265,6 +266,7 @@ class RunConfig:
     tpu_config: TPUConfig = dataclasses.field(default_factory=TPUConfig)
     dataset_config: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
     update_config: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
+    tf_random_seed: dataclasses.InitVar[int | None] = None
     session_config: dataclasses.InitVar[object] = None
     cluster: dataclasses.InitVar[object] = None
     master: dataclasses.InitVar[str | None] = None
@@ -277,7 +279,8 @@ class RunConfig:
     session_creation_timeout_secs: dataclasses.InitVar[float | None] = None
     checkpoint_save_graph_def: dataclasses.InitVar[bool | None] = None
 
-    def __post_init__(self, session_config: object, cluster: object, master: str | None,
+    def __post_init__(self, tf_random_seed: int | None, session_config: object, cluster: object,
+                      master: str | None,
                       evaluation_master: str | None, device_fn: object, protocol: str | None,
                       train_distribute: object, eval_distribute: object,
                       experimental_max_worker_delay_secs: float | None,
@@ -291,6 +294,10 @@ class RunConfig:
             "experimental_max_worker_delay_secs": experimental_max_worker_delay_secs,
             "session_creation_timeout_secs": session_creation_timeout_secs,
             "checkpoint_save_graph_def": checkpoint_save_graph_def})
+        if tf_random_seed is not None:  # TF's name for the seed
+            _require(self.seed in (0, tf_random_seed),
+                     f"seed={self.seed} and tf_random_seed={tf_random_seed} differ; give one")
+            object.__setattr__(self, "seed", tf_random_seed)
         _require(
             self.model_dir is None or isinstance(self.model_dir, str),
             f"model_dir must be a str or None, got {self.model_dir!r}",

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import checkpoint, preemption, summary
 from .binding import INPUT_FN_ARGUMENTS, MODEL_FN_ARGUMENTS, bind
-from .config import RunConfig
+from .config import InputPipelineConfig, RunConfig
 from .context import RESERVED_PARAMS, ModeContext
 from .hooks import Hook
 from .inference import evaluate_replica, predict_replica
@@ -170,6 +170,14 @@ class TPUEstimator:
         self._launcher: Launcher = resolve_launcher(use_tpu, config.tpu_config)
         self._eval_launcher = self._launcher if eval_on_tpu else TorchLauncher(
             timeout_secs=config.tpu_config.replica_timeout_secs)
+        topology = self._launcher.topology
+        if config.tpu_config.input_mode == InputPipelineConfig.PER_HOST_V2 and \
+                topology.one_program and topology.num_replicas > 1:
+            raise ValueError(
+                f"per_host_input_for_training=PER_HOST_V2 cannot be honoured on an SPMD mesh of "
+                f"{topology.num_replicas} devices: it would call input_fn once for several "
+                "replicas with one replica's batch. Use PER_HOST_V1 (True: one call with the "
+                "global batch) or PER_SHARD_V1 (False: one call per replica)")
         accumulation = config.update_config.accumulation_steps
         batch_sizes = {}
         for mode, size in ((ModeKeys.TRAIN, train_batch_size), (ModeKeys.EVAL, eval_batch_size),
