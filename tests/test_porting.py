@@ -64,6 +64,13 @@ def test_tf_style_model_fns_and_input_fns_run_unchanged(tmp_path, fn):
     assert len(list(estimator.predict(lambda mode, params: make_data(5)))) == 5
 
 
+def test_get_variable_value_takes_a_name_or_a_list_of_names(tmp_path):
+    estimator = make_estimator(tmp_path)
+    estimator.train(lambda params: make_data(16), steps=1)
+    step, bias = estimator.get_variable_value(["global_step", "layers.0.bias"])
+    assert step == 1 and (bias == estimator.get_variable_value("layers.0.bias")).all()
+
+
 def test_predict_passes_labels_none_as_tf_does(tmp_path):
     seen = []
 

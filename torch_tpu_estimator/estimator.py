@@ -401,14 +401,20 @@ class TPUEstimator:
         """Names of the model's tensors in the latest checkpoint, and `global_step`."""
         return sorted([*self._latest().model_weights, "global_step"])
 
-    def get_variable_value(self, name: str) -> np.ndarray:
-        """Value of one tensor of the latest checkpoint, as a NumPy array."""
+    def get_variable_value(self, name: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
+        """Value of one tensor of the latest checkpoint as a NumPy array (a list of them for a
+        list of names, as in TF)."""
         saved = self._latest()
-        if name == "global_step":
-            return np.asarray(saved.global_step)
-        if name not in saved.model_weights:
-            raise ValueError(f"no variable {name!r} in {saved.path}")
-        return saved.model_weights[name].numpy()
+        names = [name] if isinstance(name, str) else list(name)
+        values = []
+        for one in names:
+            if one == "global_step":
+                values.append(np.asarray(saved.global_step))
+            elif one in saved.model_weights:
+                values.append(saved.model_weights[one].numpy())
+            else:
+                raise ValueError(f"no variable {one!r} in {saved.path}")
+        return values[0] if isinstance(name, str) else values
 
     def eval_dir(self, name: str | None = None) -> str:
         """Where evaluation `name` writes its summaries."""
