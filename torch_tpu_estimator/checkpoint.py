@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -34,13 +35,15 @@ from .paths import plain_name
 logger = logging.getLogger("torch_tpu_estimator")
 
 INDEX_NAME = "checkpoint.json"
-_CHECKPOINT_NAME = re.compile(r"^model\.ckpt-(\d+)\.pt$")
+_CHECKPOINT_NAME = re.compile(r"^model\.ckpt-(\d+)(\.pt)?$")  # a file, or a sharded directory
 _TEMP_PREFIX = ".tmp-checkpoint-"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def checkpoint_name(global_step: int) -> str:
-    return f"model.ckpt-{global_step}.pt"
+def checkpoint_name(global_step: int, sharded: bool = False) -> str:
+    """`model.ckpt-<step>.pt` (one file), or `model.ckpt-<step>` (a sharded checkpoint's
+    directory)."""
+    return f"model.ckpt-{global_step}" + ("" if sharded else ".pt")
 
 
 def step_of(path: str) -> int:
@@ -222,11 +225,37 @@ def retain(index: Index, keep_max: int | None, every_n_hours: float | None) -> l
 
 
 def _sha256(path: str) -> str:
+    """A file's SHA-256; a directory's is that of its files' names and SHA-256s."""
+    if os.path.isdir(path):
+        listing = "".join(f"{name}:{_sha256(os.path.join(path, name))}\n"
+                          for name in sorted(os.listdir(path)))
+        return hashlib.sha256(listing.encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _atomic_directory(path: str, write: Callable[[str], None]) -> str:
+    """Calls write(directory) on a temporary directory beside `path`, flushes its files, then
+    renames it to `path`; returns its SHA-256 (its files are read back once to hash them)."""
+    parent = os.path.dirname(path) or "."
+    temporary = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=parent)
+    try:
+        write(temporary)
+        for name in os.listdir(temporary):
+            fsync_path(os.path.join(temporary, name))
+        fsync_path(temporary)
+        digest = _sha256(temporary)
+        os.rename(temporary, path)
+        fsync_path(parent)
+    except BaseException as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise _write_error(error, path) from error
+        raise
+    return digest
 
 
 # Files whose digest matched, by identity and change time: hashed once per process.
@@ -247,7 +276,7 @@ def damage(path: str, digest: str | None) -> str | None:
         return None
     if digest is not None and _sha256(path) != digest:
         problem = "its SHA-256 differs from the one recorded when it was written"
-    elif digest is None and not zipfile.is_zipfile(path):
+    elif digest is None and not os.path.isdir(path) and not zipfile.is_zipfile(path):
         problem = "it is not a complete torch.save archive"
     else:
         _VERIFIED.add(key)
@@ -257,9 +286,13 @@ def damage(path: str, digest: str | None) -> str | None:
 
 
 def _identity(path: str, digest: str | None) -> tuple:
-    """A file as _VERIFIED knows it: any rewrite changes its inode, size or change time."""
-    stat = os.stat(path)
-    return (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, digest)
+    """A file (or every file of a directory) as _VERIFIED knows it: any rewrite changes its
+    inode, size or change time."""
+    files = [path] if not os.path.isdir(path) else [
+        os.path.join(path, name) for name in sorted(os.listdir(path))]
+    stats = [os.stat(file) for file in files]
+    return (path, digest, *((stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+                            for stat in stats))
 
 
 def _unlisted_checkpoints(model_dir: str, index: dict[str, str | None]) -> list[str]:
@@ -304,8 +337,8 @@ def _remove_stale_temporaries(model_dir: str) -> None:
     """Half-written files of a checkpoint writer that was killed (the chief is the only one)."""
     for name in os.listdir(model_dir):
         path = os.path.join(model_dir, name)
-        if name.startswith(_TEMP_PREFIX) and os.path.isfile(path):
-            os.remove(path)
+        if name.startswith(_TEMP_PREFIX):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             logger.info("Removed %s, left by an interrupted checkpoint write", name)
 
 
@@ -347,17 +380,22 @@ def _set_aside(model_dir: str, index: Index, new_name: str) -> None:
                        new_name, INDEX_NAME, moved)
 
 
-def save_checkpoint(model_dir: str, global_step: int, state: dict,
+def save_checkpoint(model_dir: str, global_step: int, state: dict | Callable[[str], None],
                     keep_checkpoint_max: int | None,
                     keep_checkpoint_every_n_hours: float | None = None) -> str:
-    """Writes `state` as the checkpoint of `global_step`, then applies retention."""
+    """Writes the checkpoint of `global_step`, then applies retention. `state` is a dict (one
+    file, torch.save) or a function that writes a sharded checkpoint into a directory."""
     os.makedirs(model_dir, exist_ok=True)
     _remove_stale_temporaries(model_dir)
-    name = checkpoint_name(global_step)
+    sharded = callable(state)
+    name = checkpoint_name(global_step, sharded)
     index = read_index(model_dir)
     _set_aside(model_dir, index, name)
     path = os.path.join(model_dir, name)
-    digest = atomic_write(path, lambda handle: torch.save(state, handle))
+    if sharded:
+        digest = _atomic_directory(path, state)
+    else:
+        digest = atomic_write(path, lambda handle: torch.save(state, handle))
     _VERIFIED.add(_identity(path, digest))  # hashed as written: no read back
     index.digests[name] = digest
     index.written[name] = now()
@@ -367,7 +405,8 @@ def save_checkpoint(model_dir: str, global_step: int, state: dict,
     atomic_write(os.path.join(model_dir, INDEX_NAME),
                  lambda handle: handle.write(index.to_json().encode()))
     for old in deleted:
-        os.remove(os.path.join(model_dir, old))
+        old_path = os.path.join(model_dir, old)
+        shutil.rmtree(old_path) if os.path.isdir(old_path) else os.remove(old_path)
     logger.info("Saved checkpoint for step %d into %s", global_step, path)
     return path
 
@@ -389,8 +428,9 @@ def load_checkpoint(path: str) -> Any:
 
 
 def resolve_checkpoint_path(path: str) -> str:
-    """A checkpoint file, or the latest checkpoint of a model_dir, as a file path."""
-    if os.path.isdir(path):
+    """A checkpoint (a file, or a sharded checkpoint's directory), or the latest checkpoint of
+    a model_dir, as a path."""
+    if os.path.isdir(path) and not _CHECKPOINT_NAME.match(os.path.basename(path)):
         latest = latest_checkpoint(path)
         if latest is None:
             raise ValueError(f"directory {path!r} holds no checkpoint")

@@ -7,13 +7,14 @@ export_dir_base (its newest export). Nothing is loaded onto a device and nothing
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Iterable
 
 from .bundle import DATA_DIR, read_array_header, regular_files
 from .checkpoint import INDEX_NAME, resolve_checkpoint_path
-from .run_state import Checkpoint
+from .run_state import REST_NAME, Checkpoint
 from .signature import STABLEHLO_DIR, dtype_name, newest_export, read_signature
 
 
@@ -26,11 +27,11 @@ def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> li
 def describe_checkpoint(path: str) -> list[str]:
     """Step, saved state and variables of one checkpoint file."""
     saved = Checkpoint.load(path)
-    weights = saved.model_weights
-    variables = [(name, dtype_name(value.dtype), tuple(value.shape))
-                 for name, value in weights.items()]
-    size = sum(value.numel() for value in weights.values())
-    lines = [f"checkpoint: {path}", f"global_step: {saved.global_step}",
+    specs = saved.tensor_specs()  # a sharded checkpoint's from its metadata: no data is read
+    variables = [(name, dtype_name(dtype), shape) for name, (dtype, shape) in specs.items()]
+    size = sum(math.prod(shape) for _, shape in specs.values())
+    lines = [f"checkpoint: {path}" + (" (sharded)" if saved.sharded else ""),
+             f"global_step: {saved.global_step}",
              f"optimizers: {', '.join(saved.optimizer_names) or 'none'}; lr schedulers: "
              f"{', '.join(saved.scheduler_names) or 'none'}; EMA of the weights: "
              f"{'yes' if saved.ema_weights is not None else 'no'}"]
@@ -60,7 +61,8 @@ def describe_export(export_dir: str) -> list[str]:
 
 def describe(path: str) -> list[str]:
     """Lines describing what `path` holds."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, INDEX_NAME)):
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, INDEX_NAME)) and \
+            not os.path.isfile(os.path.join(path, REST_NAME)):
         return describe_export(newest_export(path))
     return describe_checkpoint(resolve_checkpoint_path(path))
 

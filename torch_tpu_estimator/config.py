@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from .spec import ModeKeys
 
 STRATEGIES = ("mp", "spmd")
+PARAM_SHARDINGS = ("replicated", "fsdp", "manual")
+PRECISIONS = ("fp32", "bf16")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
 _SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -123,6 +125,17 @@ class TPUConfig:
       per-host input.
     experimental_host_call_every_n_steps: the TRAIN spec's host_call runs for every n-th step
       only (its tensors are kept and read back for those steps alone).
+    param_sharding: SPMD only; how parameters lie over the mesh. "replicated": every device
+      holds the whole model (data parallel). "fsdp": fully sharded data parallel (torch_xla's
+      FSDPv2): each parameter is split over the "fsdp" axis, gathered for the step.
+      "manual": the user's own xs.mark_sharding annotations, in model_init_fn or model_fn, on
+      the mesh found as params["context"].mesh.
+    num_cores_per_replica: SPMD only; devices per model replica (TF's name): a 2-D mesh of
+      (devices / k) x k. With "fsdp" its axes are ("data", "fsdp"), each parameter split over k
+      devices and replicated over "data"; with "manual", ("data", "model"). The batch is split
+      over every device (fsdp) or over "data" (manual).
+    precision: "bf16" runs model_fn under torch.autocast in bfloat16 (XLA, CPU or CUDA alike),
+      with float32 weights and optimizer state; "fp32" (the default) does not.
     strategy: XLA only. "mp" runs one process per device (xmp.spawn); "spmd" runs one process
       over a mesh of every local device (GSPMD), where model_fn sees the global batch.
     max_graphs_per_mode: XLA only. {mode: n} allows at most n different traced step graphs in
@@ -144,6 +157,9 @@ class TPUConfig:
     max_graphs_per_mode: Mapping[str, int] | None = None
     replica_timeout_secs: float = 1800.0
     experimental_host_call_every_n_steps: int = 1
+    param_sharding: str = "replicated"
+    num_cores_per_replica: int | None = None
+    precision: str = "fp32"
     tpu_job_name: dataclasses.InitVar[str | None] = None
     initial_infeed_sleep_secs: dataclasses.InitVar[float | None] = None
     eval_training_input_configuration: dataclasses.InitVar[object] = None
@@ -170,6 +186,18 @@ class TPUConfig:
             self.strategy in STRATEGIES,
             f"strategy must be one of {STRATEGIES}, got {self.strategy!r}",
         )
+        _require(self.param_sharding in PARAM_SHARDINGS,
+                 f"param_sharding must be one of {PARAM_SHARDINGS}, got {self.param_sharding!r}")
+        _require(self.precision in PRECISIONS,
+                 f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _positive_int_or_none("num_cores_per_replica", self.num_cores_per_replica)
+        spmd_only = self.param_sharding != "replicated" or (self.num_cores_per_replica or 1) > 1
+        _require(not spmd_only or self.strategy == "spmd",
+                 "param_sharding and num_cores_per_replica lay parameters over an SPMD mesh: "
+                 "set TPUConfig(strategy='spmd')")
+        _require((self.num_cores_per_replica or 1) == 1 or self.param_sharding != "replicated",
+                 f"num_cores_per_replica={self.num_cores_per_replica} splits each replica over "
+                 "several devices: choose param_sharding='fsdp' or 'manual'")
         limits = self.max_graphs_per_mode
         _require(limits is None or isinstance(limits, Mapping),
                  f"max_graphs_per_mode must be a dict of mode -> int, got {limits!r}")

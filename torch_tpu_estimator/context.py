@@ -96,9 +96,12 @@ class ModeContext:
         """model_fn's spec for one batch, its arguments bound by name, checked for this mode.
         PREDICT gets labels=None, as in TF; `update` (TRAIN) is the UpdateStep model_fn may
         take charge of."""
-        spec = self.job.model_fn(
-            model=model, features=features, mode=self.mode, params=params, config=self.config,
-            labels=None if self.mode == ModeKeys.PREDICT else labels, update=update)
+        with torch.autocast(self.replica.device.type, dtype=torch.bfloat16,
+                            enabled=self.config.tpu_config.precision == "bf16"):
+            spec = self.job.model_fn(
+                model=model, features=features, mode=self.mode, params=params,
+                config=self.config, labels=None if self.mode == ModeKeys.PREDICT else labels,
+                update=update)
         return validate_spec(spec, self.mode,
                              manual_update=update is not None and update.took_charge)
 

@@ -9,19 +9,25 @@ and export read checkpoints through its typed accessors and never touch raw keys
 Schema (FORMAT 2): {"format", "global_step", "model", "ema", "optimizers": {name: state},
 "schedulers": {name: state | None}, "input": {stream: {"epoch", "batch"}}, "rng": [one per
 process]}. Checkpoints of format 1 (no "format" key; one "optimizer" and "scheduler") are read
-as format 2.
+as format 2. A sharded checkpoint (parameters sharded over an SPMD mesh) is a directory: its
+tensors (model, EMA, optimizer slots) go through DCP (sharded_checkpoint.py) under the names
+"model/<key>", "ema/<key>", "optimizers/<name>/<param index>/<slot>", each device writing its
+own shards; everything else is the same schema in `state.pt`, with SHARDED where a tensor was.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import checkpoint as files
+from . import sharded_checkpoint
 from .runtime.base import Replica
 from .update import DEFAULT_OPTIMIZER, UpdateStep, split_optimizer_fn_result
 
@@ -30,31 +36,61 @@ if TYPE_CHECKING:
     from .streams import InputStreams
 
 FORMAT = 2
+SHARDED = "<in the sharded tensors>"  # in state.pt, where DCP holds the tensor
+REST_NAME = "state.pt"
 
 
 class Checkpoint:
-    """A checkpoint file's contents, read through typed accessors."""
+    """A checkpoint's contents, read through typed accessors. A sharded checkpoint's tensors
+    are read from its directory when first asked for, as whole CPU tensors (for one device,
+    plain PyTorch, export, inspect); RunState.restore loads them shard by shard instead."""
 
     def __init__(self, path: str, state: Mapping[str, Any]):
         self.path = path
         self._state = state
+        self.sharded = os.path.isdir(path)
 
     @classmethod
     def load(cls, path: str) -> Checkpoint:
         """Reads and checks the checkpoint at `path` (a ValueError naming it when it is not one)."""
+        if os.path.isdir(path):
+            rest = files.load_checkpoint(os.path.join(path, REST_NAME))
+            if isinstance(rest, dict) and _is_sharded(rest.get("model")):
+                rest = {**rest, "model": {}}  # checked against the DCP metadata when read
+            return cls(path, _upgraded(rest, path))
         return cls(path, _upgraded(files.load_checkpoint(path), path))
+
+    def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        try:
+            return sharded_checkpoint.read_full(self.path, prefix)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise ValueError(f"sharded checkpoint {self.path!r} cannot be read: {error}") from None
 
     @property
     def global_step(self) -> int:
         return self._state["global_step"]
 
-    @property
+    @functools.cached_property
     def model_weights(self) -> dict[str, torch.Tensor]:
-        return self._state["model"]
+        return self._tensors("model/") if self.sharded else self._state["model"]
 
     @property
+    def has_ema(self) -> bool:
+        return self._state.get("ema") is not None
+
+    @functools.cached_property
     def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        if _is_sharded(self._state.get("ema")):
+            return self._tensors("ema/")
         return self._state.get("ema")
+
+    def tensor_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The model's tensors' dtypes and shapes, without reading a sharded checkpoint's data."""
+        if not self.sharded:
+            return {name: (value.dtype, tuple(value.shape))
+                    for name, value in self.model_weights.items()}
+        return {name.removeprefix("model/"): (dtype, tuple(size)) for name, (dtype, size) in
+                sharded_checkpoint.tensor_specs(self.path).items() if name.startswith("model/")}
 
     def inference_weights(self, prefer_ema: bool) -> dict[str, torch.Tensor]:
         """The weights evaluate, predict and export use: the EMA's when asked for and kept."""
@@ -70,8 +106,31 @@ class Checkpoint:
         return sorted(name for name, state in self._state["schedulers"].items() if state)
 
     def update_state(self) -> dict[str, Any]:
-        """What UpdateStep.load_state_dict takes."""
-        return {key: self._state[key] for key in ("optimizers", "schedulers", "ema")}
+        """What UpdateStep.load_state_dict takes (a sharded checkpoint's tensors read whole)."""
+        optimizers = self._state["optimizers"]
+        if self.sharded:
+            optimizers = _filled(optimizers, self._tensors("optimizers/"))
+        return {"optimizers": optimizers, "schedulers": self._state["schedulers"],
+                "ema": self.ema_weights}
+
+    def load_update_in_place(self, update: UpdateStep) -> None:
+        """A sharded checkpoint's update state loaded into a sharded run's own tensors, each
+        device reading its shards (the optimizers are primed first, so that their slots
+        exist to load into)."""
+        from torch_xla.experimental.distributed_checkpoint import prime_optimizer
+
+        targets = {}
+        for name, optimizer in update.optimizers.items():
+            prime_optimizer(optimizer)
+            targets.update(_slots(name, optimizer.state_dict()))
+        if update.ema is not None and _is_sharded(self._state.get("ema")):
+            targets.update({f"ema/{key}": value for key, value in update.ema.shadow.items()})
+        sharded_checkpoint.read_into(self.path, targets)
+        update.load_state_dict({
+            "optimizers": _filled(self._state["optimizers"], {
+                key.removeprefix("optimizers/"): value for key, value in targets.items()
+                if key.startswith("optimizers/")}),
+            "schedulers": self._state["schedulers"], "ema": None})
 
     @property
     def input_positions(self) -> dict[str, dict[str, int]]:
@@ -82,6 +141,29 @@ class Checkpoint:
         it) takes the chief's."""
         states = self._state["rng"]
         return states[process_index] if process_index < len(states) else states[0]
+
+
+def _slots(name: str, optimizer_state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """An optimizer's tensors of one or more dimensions (sharded like their parameters), named
+    as a sharded checkpoint holds them."""
+    return {f"optimizers/{name}/{index}/{slot}": value
+            for index, slots in optimizer_state["state"].items()
+            for slot, value in slots.items()
+            if isinstance(value, torch.Tensor) and value.dim() > 0}
+
+
+def _filled(optimizers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Optimizer states from state.pt with each SHARDED slot replaced by its tensor, found as
+    "<name>/<param index>/<slot>" in `tensors`."""
+    return {name: {**state, "state": {
+        index: {slot: tensors[f"{name}/{index}/{slot}"] if _is_sharded(value) else value
+                for slot, value in slots.items()}
+        for index, slots in state["state"].items()}}
+        for name, state in optimizers.items()}
+
+
+def _is_sharded(value: Any) -> bool:
+    return isinstance(value, str) and value == SHARDED
 
 
 def _upgraded(state: Any, path: str) -> dict:
@@ -206,15 +288,33 @@ class RunState:
         if streams is not None:
             optimizers, schedulers = split_optimizer_fn_result(
                 ctx.job.optimizer_fn(unwrap(model), dict(params)))
-            update = UpdateStep(ctx.replica, model, optimizers, schedulers,
+            update = UpdateStep(ctx.replica, unwrap(model), optimizers, schedulers,
                                 ctx.config.update_config)
         return cls(ctx, model, rng, update, streams)
 
+    @property
+    def _in_place(self) -> bool:
+        """Whether checkpoints are read and written shard by shard (parameters sharded)."""
+        return self.ctx.replica.shards_parameters
+
+    def _load_model_shards(self, saved: Checkpoint, prefix: str) -> None:
+        targets = {f"{prefix}{key}": value for key, value in unwrap(self.model).state_dict().items()}
+        try:
+            sharded_checkpoint.read_into(saved.path, targets)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"checkpoint {saved.path!r} does not fit the model built by "
+                             f"model_init_fn: {error}") from None
+
     def restore(self, saved: Checkpoint) -> None:
         """Continues the run `saved` holds: weights, update state, step, input, RNGs."""
-        load_weights(self.model, saved.model_weights, saved.path)
-        if self.update is not None:
-            self.update.load_state_dict(saved.update_state())
+        if saved.sharded and self._in_place:
+            self._load_model_shards(saved, "model/")
+            if self.update is not None:
+                saved.load_update_in_place(self.update)
+        else:
+            load_weights(self.model, saved.model_weights, saved.path)
+            if self.update is not None:
+                self.update.load_state_dict(saved.update_state())
         if self.streams is not None:
             self.streams.load_state_dict(saved.input_positions)
         self.rng.load_state_dict(saved.rng_state(self.ctx.replica.process_index))
@@ -222,13 +322,18 @@ class RunState:
 
     def load_inference_weights(self, saved: Checkpoint) -> None:
         """Takes the weights to evaluate, predict or export with (the EMA's when configured)."""
-        load_weights(self.model, saved.inference_weights(
-            self.ctx.config.update_config.ema_for_inference), saved.path)
+        use_ema = self.ctx.config.update_config.ema_for_inference
+        if saved.sharded and self._in_place:
+            self._load_model_shards(saved, "ema/" if use_ema and saved.has_ema else "model/")
+        else:
+            load_weights(self.model, saved.inference_weights(use_ema), saved.path)
         self.global_step = saved.global_step
 
-    def capture(self) -> dict | None:
-        """Everything needed to continue this run exactly, in CPU memory, on the chief (None
-        elsewhere). A collective: every process calls it, and gives its RNGs and streams."""
+    def capture(self) -> dict | Callable[[str], None] | None:
+        """Everything needed to continue this run exactly, on the chief (None elsewhere): a dict
+        in CPU memory (one transfer), or, with sharded parameters, a function that writes a
+        sharded checkpoint into a directory (each device's shards straight from the device).
+        A collective: every process calls it, and gives its RNGs and streams."""
         replica = self.ctx.replica
         streams = self.streams.state_dict() if self.streams is not None else {}
         gathered = replica.host_gather((streams, self.rng.state_dict()))
@@ -236,11 +341,30 @@ class RunState:
             return None
         update = self.update.state_dict() if self.update is not None else {
             "optimizers": {}, "schedulers": {}, "ema": None}
-        device_state = replica.to_host({"model": unwrap(self.model).state_dict(),
-                                        "optimizers": update["optimizers"], "ema": update["ema"]})
-        return {"format": FORMAT, "global_step": self.global_step,
-                "model": device_state["model"], "ema": device_state["ema"],
-                "optimizers": device_state["optimizers"], "schedulers": update["schedulers"],
+        rest = {"format": FORMAT, "global_step": self.global_step,
+                "schedulers": update["schedulers"],
                 "input": {key: value for positions, _ in gathered
                           for key, value in positions.items()},
                 "rng": [rng for _, rng in gathered]}
+        if not self._in_place:
+            device_state = replica.to_host({"model": unwrap(self.model).state_dict(),
+                                            "optimizers": update["optimizers"],
+                                            "ema": update["ema"]})
+            return {**rest, **device_state}
+        tensors = {f"model/{key}": value for key, value in unwrap(self.model).state_dict().items()}
+        for name, state in update["optimizers"].items():
+            tensors.update(_slots(name, state))
+        if update["ema"] is not None:
+            tensors.update({f"ema/{key}": value for key, value in update["ema"].items()})
+        rest.update(model=SHARDED, ema=SHARDED if update["ema"] is not None else None,
+                    optimizers=replica.to_host({name: {**state, "state": {
+                        index: {slot: SHARDED if f"optimizers/{name}/{index}/{slot}" in tensors
+                                else value for slot, value in slots.items()}
+                        for index, slots in state["state"].items()}}
+                        for name, state in update["optimizers"].items()}))
+
+        def write(directory: str) -> None:
+            sharded_checkpoint.write(directory, tensors)
+            torch.save(rest, os.path.join(directory, REST_NAME))
+
+        return write

@@ -85,3 +85,11 @@ def tf_variable_name(name: str) -> str:
     from torch_xla.tf_saved_model_integration import _mangle_tf_root_scope_name
 
     return _mangle_tf_root_scope_name(name)
+
+
+def local_shard_shapes(tensor: torch.Tensor) -> list[tuple[int, ...]]:
+    """The shape of each device's shard of an XLA tensor (the whole shape on each device for
+    one that is not sharded)."""
+    if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+        return [tuple(tensor.shape)]
+    return [tuple(shard.shape) for shard, _ in torch_xla._XLAC._get_local_shards([tensor])[0]]

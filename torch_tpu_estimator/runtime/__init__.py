@@ -18,7 +18,7 @@ def resolve_launcher(use_tpu: bool, tpu_config: TPUConfig) -> Launcher:
     if tpu_config.strategy == "spmd":
         from .xla_spmd import SpmdLauncher
 
-        return SpmdLauncher(tpu_config.num_shards)
+        return SpmdLauncher(tpu_config)
     from .xla_mp import XmpLauncher
 
     return XmpLauncher(tpu_config.num_shards)

@@ -72,6 +72,8 @@ class ReplicaContext:
     input_pipeline_id / num_input_pipelines: which of the job's distinct input_fn streams this
       call feeds. Per-host input has one stream (the estimator shards it); per-replica input has
       one per replica, and input_fn must shard the data itself by input_pipeline_id.
+    mesh: on an SPMD mesh, the torch_xla.distributed.spmd.Mesh, for the user's own
+      xs.mark_sharding annotations (TPUConfig(param_sharding="manual")); else None.
     """
 
     replica_id: int
@@ -80,10 +82,14 @@ class ReplicaContext:
     num_input_pipelines: int
     device: str
     mode: str = ""
+    mesh: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def is_chief(self) -> bool:
         return self.replica_id == 0
+
+    def with_mesh(self, mesh: Any) -> ReplicaContext:
+        return dataclasses.replace(self, mesh=mesh)
 
 
 class Replica(abc.ABC):
@@ -101,6 +107,11 @@ class Replica(abc.ABC):
     @property
     def is_chief(self) -> bool:
         return self.process_index == 0
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether parameters are split over devices (checkpoints then go shard by shard)."""
+        return False
 
     @property
     def answers_caller(self) -> bool:

@@ -1,9 +1,18 @@
 """One process over every local XLA device (GSPMD): `TPUConfig(strategy="spmd")`.
 
-The model is replicated on a 1-D mesh whose axis is named "data"; each global batch is laid over
-the mesh along its first dimension as MpDeviceLoader uploads it, and XLA partitions the traced
-step, gradient reduction included. model_fn therefore traces one program over the whole global
-batch, so `params["batch_size"]` in model_fn is the global batch here.
+The devices form a mesh, and XLA partitions the traced step over it, gradient reduction
+included. model_fn therefore traces one program over the whole global batch, so
+`params["batch_size"]` in model_fn is the global batch here. How parameters lie on the mesh is
+`TPUConfig.param_sharding`:
+
+  replicated  a 1-D mesh ("data",): every device holds the whole model; the batch is split.
+  fsdp        FSDPv2 (torch_xla's SpmdFullyShardedDataParallel): every parameter is split over
+              the "fsdp" axis. With num_cores_per_replica=k, a (devices/k, k) mesh of axes
+              ("data", "fsdp"): parameters split k ways, replicated over "data". The batch is
+              split over every device.
+  manual      a (devices/k, k) mesh of axes ("data", "model"); the user annotates parameters
+              with xs.mark_sharding(tensor, params["context"].mesh, ...) in model_init_fn or
+              model_fn; the batch is split over "data".
 """
 
 from __future__ import annotations
@@ -15,17 +24,39 @@ import numpy as np
 import torch
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
+from torch.utils._pytree import tree_map_only
 
-from .base import Launcher, Replica, Topology
+from ..config import TPUConfig
+from .base import Launcher, Replica, ReplicaContext, Topology
 from .xla import XlaReplica, replica_device_count
 
 T = TypeVar("T")
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS, MODEL_AXIS = "data", "fsdp", "model"
+
+
+def mesh_axes(tpu_config: TPUConfig, devices: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The mesh shape and axis names for `devices` devices under tpu_config's sharding."""
+    cores = tpu_config.num_cores_per_replica or 1
+    if devices % cores:
+        raise ValueError(f"num_cores_per_replica={cores} does not divide the {devices} devices")
+    second = {"fsdp": FSDP_AXIS, "manual": MODEL_AXIS}.get(tpu_config.param_sharding)
+    if second is None:
+        return (devices,), (DATA_AXIS,)
+    if tpu_config.param_sharding == "fsdp" and cores == 1:
+        return (devices,), (FSDP_AXIS,)
+    return (devices // cores, cores), (DATA_AXIS, second)
+
+
+def batch_axes(tpu_config: TPUConfig, axes: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh axes a batch's first dimension is split over."""
+    if tpu_config.param_sharding == "manual":
+        return (DATA_AXIS,)
+    return axes  # replicated and fsdp: every device gets its rows
 
 
 class BatchAxisSharding:
-    """Splits every input tensor along dim 0 over the mesh; scalars are replicated.
+    """Splits every input tensor along dim 0 over the batch axes; scalars are replicated.
 
     MpDeviceLoader asks its `input_sharding` for `xla_spec(tensor)` and `minibatch`; one
     xs.ShardingSpec fits one tensor rank only, so this picks the spec by rank.
@@ -33,36 +64,69 @@ class BatchAxisSharding:
 
     minibatch = False
 
-    def __init__(self, mesh: xs.Mesh):
+    def __init__(self, mesh: xs.Mesh, axes: tuple[str, ...]):
         self.mesh = mesh
+        self.batch = axes[0] if len(axes) == 1 else axes
         self._specs: dict[int, xs.ShardingSpec] = {}
 
     def xla_spec(self, tensor: torch.Tensor) -> Any:
         if tensor.dim() == 0:
             return None
         if tensor.dim() not in self._specs:
-            partition = (DATA_AXIS,) + (None,) * (tensor.dim() - 1)
+            partition = (self.batch,) + (None,) * (tensor.dim() - 1)
             self._specs[tensor.dim()] = xs.ShardingSpec(self.mesh, partition)
         return self._specs[tensor.dim()].xla_spec(tensor)
+
+    def mark(self, output: Any) -> None:
+        """Marks every tensor of a module's output as split along its first (batch) dim: what
+        FSDPv2 asks of the wrapped module's output."""
+        tree_map_only(torch.Tensor, lambda tensor: xs.mark_sharding(
+            tensor, self.mesh, (self.batch,) + (None,) * (tensor.dim() - 1))
+            if tensor.dim() else None, output)
 
 
 class SpmdReplica(XlaReplica):
     """Every device of this host, driven by one process; GSPMD reduces the gradients."""
 
-    def __init__(self, topology: Topology, mesh: xs.Mesh):
+    def __init__(self, topology: Topology, tpu_config: TPUConfig, mesh: xs.Mesh):
         super().__init__(topology)
-        self.mesh = mesh
+        self.tpu_config, self.mesh = tpu_config, mesh
+        self.batch_sharding = BatchAxisSharding(mesh, batch_axes(tpu_config, mesh.axis_names))
+
+    def context(self, mode: str, replica_id: int | None = None,
+                input_pipeline: tuple[int, int] = (0, 1)) -> ReplicaContext:
+        return super().context(mode, replica_id, input_pipeline).with_mesh(self.mesh)
 
     def input_sharding(self) -> BatchAxisSharding:
-        return BatchAxisSharding(self.mesh)
+        return self.batch_sharding
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.tpu_config.param_sharding != "replicated"
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.tpu_config.param_sharding != "fsdp":
+            return model.to(self.device)
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import (
+            SpmdFullyShardedDataParallel,
+        )
+
+        extra = DATA_AXIS if DATA_AXIS in self.mesh.axis_names else None
+        return SpmdFullyShardedDataParallel(
+            model, mesh=self.mesh, extra_data_axis=extra,
+            shard_output=lambda output, mesh: self.batch_sharding.mark(output))
 
 
 class SpmdLauncher(Launcher):
     """Runs the one SPMD replica in the caller's process, in SPMD mode from its first call."""
 
-    def __init__(self, num_shards: int | None = None):
-        count = replica_device_count(num_shards)
-        super().__init__(Topology("xla_spmd", count, 1, one_program=True, use_tpu=True))
+    def __init__(self, tpu_config: TPUConfig):
+        devices = replica_device_count(tpu_config.num_shards)
+        shape, axes = mesh_axes(tpu_config, devices)
+        ways = int(np.prod([size for size, axis in zip(shape, axes, strict=True)
+                            if axis in batch_axes(tpu_config, axes)]))
+        super().__init__(Topology("xla_spmd", ways, 1, one_program=True, use_tpu=True))
+        self.tpu_config, self._shape, self._axes = tpu_config, shape, axes
         self._mesh: xs.Mesh | None = None
 
     def _launch(self, worker: Callable[[Replica], T]) -> T:
@@ -74,5 +138,5 @@ class SpmdLauncher(Launcher):
                     f"strategy='spmd' runs on one host; this job has {xr.process_count()} "
                     "processes. Use strategy='mp' across hosts")
             devices = xr.global_runtime_device_count()
-            self._mesh = xs.Mesh(np.arange(devices), (devices,), (DATA_AXIS,))
-        return worker(SpmdReplica(self.topology, self._mesh))
+            self._mesh = xs.Mesh(np.arange(devices), self._shape, self._axes)
+        return worker(SpmdReplica(self.topology, self.tpu_config, self._mesh))
