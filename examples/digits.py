@@ -3,6 +3,7 @@
     PJRT_DEVICE=CPU python examples/digits.py --model-dir runs/digits          # XLA CPU backend
     python examples/digits.py --model-dir runs/digits-cpu --no-tpu              # plain PyTorch
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python examples/digits.py --spmd          # 4-device mesh
+    PJRT_DEVICE=CPU python examples/digits.py --bf16                            # bfloat16
     python examples/digits.py --no-tpu --processes 4                            # 4 gloo replicas
 
 After training it evaluates, predicts, exports the model for serving (StableHLO, at batch sizes
@@ -86,7 +87,8 @@ def optimizer_fn(model, params):
 
 
 def make_estimator(model_dir: str, use_tpu: bool = True, iterations_per_loop: int = 50,
-                   spmd: bool = False, processes: int | None = None) -> TPUEstimator:
+                   spmd: bool = False, processes: int | None = None,
+                   precision: str = "fp32") -> TPUEstimator:
     """The same model and global batch on any layout: XLA device(s), an SPMD mesh of every
     device, or `processes` plain PyTorch replicas joined by gloo."""
     return TPUEstimator(
@@ -98,7 +100,7 @@ def make_estimator(model_dir: str, use_tpu: bool = True, iterations_per_loop: in
         config=RunConfig(
             save_checkpoints_steps=200, log_step_count_steps=100, save_summary_steps=20,
             tpu_config=TPUConfig(iterations_per_loop=iterations_per_loop, num_shards=processes,
-                                 strategy="spmd" if spmd else "mp")),
+                                 strategy="spmd" if spmd else "mp", precision=precision)),
         params={"hidden": 128, "lr": 3e-3},
         train_batch_size=64, eval_batch_size=64, predict_batch_size=64)
 
@@ -112,12 +114,14 @@ def main() -> None:
                         help="one process over a mesh of every XLA device (set CPU_NUM_DEVICES)")
     parser.add_argument("--processes", type=int, default=None,
                         help="with --no-tpu: this many replica processes joined by gloo")
+    parser.add_argument("--bf16", action="store_true",
+                        help="model_fn under bfloat16 autocast (float32 weights)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
 
     train_set, test_set = digits_datasets()
     estimator = make_estimator(args.model_dir, use_tpu=not args.no_tpu, spmd=args.spmd,
-                               processes=args.processes)
+                               processes=args.processes, precision="bf16" if args.bf16 else "fp32")
     losses = FirstAndLastLoss()
     estimator.train(lambda params: train_set, max_steps=args.steps, hooks=[losses])
     if losses.first is not None:

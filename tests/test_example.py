@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
 
@@ -16,7 +17,8 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
     ([], "1"),
     (["--spmd"], "4"),
     (["--no-tpu", "--processes", "2"], "1"),
-], ids=["xla", "spmd4", "gloo2"])
+    (["--bf16"], "1"),
+], ids=["xla", "spmd4", "gloo2", "bf16"])
 def test_digits_example_learns_held_out_digits(tmp_path, layout, devices):
     result = subprocess.run(
         [sys.executable, EXAMPLE, "--model-dir", str(tmp_path), "--steps", "400", *layout],
@@ -30,3 +32,8 @@ def test_digits_example_learns_held_out_digits(tmp_path, layout, devices):
     predicted = re.search(r"predicted 360 digits, \d+ correct; first five: (\[.*\])", result.stdout)
     served = re.search(r"served from the export, first five: (\[.*\])", result.stdout)
     assert predicted and served and served.group(1) == predicted.group(1)
+    # bfloat16 computes, float32 keeps the weights (and the Adam moments)
+    saved = torch.load(sorted(tmp_path.glob("model.ckpt-*.pt"))[-1], weights_only=True)
+    assert {value.dtype for value in saved["model"].values()} == {torch.float32}
+    assert {value.dtype for state in saved["optimizers"]["default"]["state"].values()
+            for key, value in state.items() if key != "step"} == {torch.float32}

@@ -303,14 +303,25 @@ def test_names_a_tf_saved_model_would_change_are_refused(tmp_path):
     assert not (tmp_path / "exports").exists()
 
 
-def test_bfloat16_weights_are_refused_with_the_way_out(trained, tmp_path):
+def test_bfloat16_weights_export_as_float32_and_serve(trained, tmp_path):
+    """torch_xla's exporter cannot store bfloat16: a bfloat16 model exports its weights as
+    float32 (or the weights_dtype asked for), and serves what the float32 model predicts, to
+    bfloat16's precision."""
     bfloat16 = TPUEstimator(model_fn=tower_model_fn,
                             model_init_fn=lambda params: Tower().to(torch.bfloat16),
                             model_dir=trained.model_dir)
-    with pytest.raises(ValueError, match=r"the model's 'embed.weight' is bfloat16.*build the model in "
-                                         r"float32 for export"):
-        bfloat16.export_saved_model(tmp_path / "exports", TowerData(2).features())
-    assert not (tmp_path / "exports").exists()
+    with pytest.raises(ValueError, match=r"weights_dtype must be torch.float32, float16 or "
+                                         r"float64, got torch.bfloat16"):
+        bfloat16.export_saved_model(tmp_path / "exports", TowerData(2).features(),
+                                    weights_dtype=torch.bfloat16)
+    features = TowerData(4, seed=7).features()
+    served = load_exported(bfloat16.export_saved_model(tmp_path / "exports", features,
+                                                       batch_sizes=(4,)))(features)
+    expected = load_exported(trained.export_saved_model(tmp_path / "float32", features,
+                                                        batch_sizes=(4,)))(features)
+    assert served["probabilities"].dtype == torch.float32
+    torch.testing.assert_close(served["probabilities"], expected["probabilities"], atol=0.05,
+                               rtol=0.05)
 
 
 def test_a_failed_write_leaves_no_partial_export(trained, tmp_path, monkeypatch):

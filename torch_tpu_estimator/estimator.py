@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from . import checkpoint, preemption, summary
 from .binding import INPUT_FN_ARGUMENTS, MODEL_FN_ARGUMENTS, bind
@@ -332,6 +333,7 @@ class TPUEstimator:
         batch_sizes: Sequence[int] = DEFAULT_SERVING_BATCH_SIZES,
         as_tf_saved_model: bool = False,
         as_text: bool = False,
+        weights_dtype: torch.dtype | None = None,
     ) -> str:
         """Exports the latest (or given) checkpoint for serving; returns the new directory.
 
@@ -342,7 +344,9 @@ class TPUEstimator:
         path inside `assets.extra/` to the file copied there. The layout is in export.py;
         `load_exported` serves it. Under torchrun the chief exports and every rank gets the path.
         TF's `as_text` is accepted and changes nothing: every function is written as text (.mlir)
-        beside its bytecode anyway.
+        beside its bytecode anyway. `weights_dtype` casts the floating weights for serving
+        (float32 or float16; bfloat16 weights become float32 by default, as the exporter cannot
+        store bfloat16); model_fn must accept weights of that dtype.
         """
         if not isinstance(export_dir_base, (str, os.PathLike)):
             raise TypeError(f"export_dir_base must be a path, got {type(export_dir_base).__name__}")
@@ -353,7 +357,12 @@ class TPUEstimator:
         assets = _check_assets_extra(assets_extra)
         if not isinstance(as_tf_saved_model, bool) or not isinstance(as_text, bool):
             raise TypeError("as_tf_saved_model and as_text must be bools")
-        from .export import export_model  # imports torch_xla, which plain PyTorch runs skip
+        if weights_dtype is not None and weights_dtype not in (torch.float32, torch.float16,
+                                                               torch.float64):
+            raise ValueError(f"weights_dtype must be torch.float32, float16 or float64, got "
+                             f"{weights_dtype!r} (torch_xla 2.9's exporter stores weights as NumPy "
+                             "arrays, which have no bfloat16)")
+        from .export import export_model, serving_weights  # imports torch_xla
         from .tf_export import import_tensorflow
         if as_tf_saved_model:
             import_tensorflow()
@@ -369,9 +378,9 @@ class TPUEstimator:
             state = RunState.build(ctx, batch_size=sizes[-1])
             saved = Checkpoint.load(path)
             state.load_inference_weights(saved)
-            return export_model(ctx, state.model.eval(), inputs, features_is_dict, sizes,
-                                export_dir_base, path, saved.global_step, assets,
-                                as_tf_saved_model)
+            return export_model(ctx, serving_weights(state.model.eval(), weights_dtype), inputs,
+                                features_is_dict, sizes, export_dir_base, path,
+                                saved.global_step, assets, as_tf_saved_model)
 
         return self._launcher.run_on_chief(export)
 

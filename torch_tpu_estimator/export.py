@@ -110,14 +110,17 @@ def _check_tf_names(names: Sequence[str]) -> None:
                              "rename or refuse it): use identifiers with as_tf_saved_model=True")
 
 
-def _check_no_bfloat16(model: torch.nn.Module) -> None:
-    """torch_xla 2.9's StableHLO exporter stores weights as NumPy arrays, which have no bfloat16."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.dtype == torch.bfloat16:
-            raise ValueError(
-                f"the model's {name!r} is bfloat16, which torch_xla 2.9's StableHLO export cannot "
-                "store: build the model in float32 for export (model_init_fn; the checkpoint's "
-                "bfloat16 values load into float32 tensors) and cast inside model_fn if needed")
+def serving_weights(model: torch.nn.Module, weights_dtype: torch.dtype | None) -> torch.nn.Module:
+    """The model with its floating weights in the serving dtype: `weights_dtype` when given,
+    else float32 for bfloat16 weights (torch_xla 2.9's exporter stores weights as NumPy arrays,
+    which have no bfloat16) and the others unchanged."""
+    if weights_dtype is not None:
+        return model.to(weights_dtype)
+    if any(tensor.dtype == torch.bfloat16 for tensor in [*model.parameters(), *model.buffers()]):
+        logger.info("Exporting the model's bfloat16 weights as float32 (export_saved_model's "
+                    "weights_dtype picks another)")
+        return model.to(torch.float32)
+    return model
 
 
 def _tiled(inputs: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -255,9 +258,9 @@ def export_model(
     assets_extra: Mapping[str, str],
     as_tf_saved_model: bool,
 ) -> str:
-    """Traces, lowers and writes one export of `model` (restored, in eval mode) for example
-    features `inputs` (signature.named_rows's form); `ctx` is the PREDICT binding of the job."""
-    _check_no_bfloat16(model)
+    """Traces, lowers and writes one export of `model` (restored, in eval mode, its weights in
+    the serving dtype) for example features `inputs` (signature.named_rows's form); `ctx` is the
+    PREDICT binding of the job."""
     module = _ServingModule(ctx, model, list(inputs), features_is_dict).eval()
     outputs, predictions_is_dict = _checked_outputs(module, inputs)
     output_specs = tuple(TensorSpec.of_rows(name, value) for name, value in outputs.items())

@@ -125,9 +125,11 @@ class _Reader(dcp.FileSystemReader):
 def _planners(tensors: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
     """SPMD-aware planners when the tensors live on XLA devices, DCP's own otherwise."""
     if any(tensor.device.type == "xla" for tensor in tensors.values()):
-        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
+        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
 
-        return SPMDSavePlanner(), SPMDLoadPlanner()
+        from . import xla_compat
+
+        return xla_compat.spmd_save_planner(), SPMDLoadPlanner()
     return dcp.DefaultSavePlanner(), dcp.DefaultLoadPlanner()
 
 

@@ -9,6 +9,7 @@ so that a new torch_xla release is checked and followed in this file only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -93,3 +94,24 @@ def local_shard_shapes(tensor: torch.Tensor) -> list[tuple[int, ...]]:
     if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
         return [tuple(tensor.shape)]
     return [tuple(shard.shape) for shard, _ in torch_xla._XLAC._get_local_shards([tensor])[0]]
+
+
+def spmd_save_planner() -> Any:
+    """torch_xla's SPMDSavePlanner, writing one copy of each shard. A parameter replicated
+    over part of the mesh (FSDP on a data x fsdp mesh) has several devices holding the same
+    shard; the planner lists them all, and DCP's dedup_tensors (torch 2.9) then drops every
+    copy, leaving the tensor out of the checkpoint. Keeping the first copy here avoids that."""
+    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+    class OneCopyPerShard(SPMDSavePlanner):
+        def create_local_plan(self) -> Any:
+            plan = super().create_local_plan()
+            seen, items = set(), []
+            for item in plan.items:
+                key = (item.index.fqn, tuple(item.index.offset or ()))
+                if key not in seen:
+                    seen.add(key)
+                    items.append(item)
+            return dataclasses.replace(plan, items=items)
+
+    return OneCopyPerShard()

@@ -67,10 +67,14 @@ class BatchAxisSharding:
     def __init__(self, mesh: xs.Mesh, axes: tuple[str, ...]):
         self.mesh = mesh
         self.batch = axes[0] if len(axes) == 1 else axes
+        # torch_xla 2.9 cannot upload a 1-D tensor split over some axes of a mesh and replicated
+        # over the others ("too many indices for tensor of dimension 1"): such tensors (labels,
+        # with "manual" sharding) go replicated, and GSPMD partitions the step from the rest
+        self.partial = len(axes) < len(mesh.axis_names)
         self._specs: dict[int, xs.ShardingSpec] = {}
 
     def xla_spec(self, tensor: torch.Tensor) -> Any:
-        if tensor.dim() == 0:
+        if tensor.dim() == 0 or (tensor.dim() == 1 and self.partial):
             return None
         if tensor.dim() not in self._specs:
             partition = (self.batch,) + (None,) * (tensor.dim() - 1)
