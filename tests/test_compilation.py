@@ -133,3 +133,39 @@ def test_guarded_runs_train_evaluate_and_predict_as_unguarded_ones(tmp_path, cap
     for mode in ("train", "eval", "infer"):
         assert re.search(rf"{mode} on XLA: \d+ compilation\(s\) in [\d.]+ s, \d+ execution\(s\), "
                          r"\d+ device-to-host transfer\(s\)", caplog.text), mode
+
+
+SPMD_SCRIPT = r"""
+import json, sys
+import torch_xla.debug.metrics as met
+from helpers import make_data, make_estimator
+from test_eval_predict import exact_model_fn
+
+def count(name):
+    data = met.metric_data(name)
+    return data[0] if data else 0
+
+estimator = make_estimator(sys.argv[1], fn=exact_model_fn, strategy="spmd", iterations_per_loop=3)
+estimator.train(lambda params: make_data(64), steps=2)
+counts = {}
+for mode in ("eval", "predict"):
+    for size in (29, 29, 9):
+        before = count("CompileTime"), count("ExecuteReplicatedTime")
+        if mode == "eval":
+            estimator.evaluate(lambda params: make_data(size))
+        else:
+            list(estimator.predict(lambda params: make_data(size)))
+        counts.setdefault(mode, []).append([count("CompileTime") - before[0],
+                                            count("ExecuteReplicatedTime") - before[1]])
+print(json.dumps(counts))
+"""
+
+
+def test_on_an_spmd_mesh_eval_and_predict_compile_once_and_not_again(tmp_path):
+    """4 devices: one graph the first call, none on a repeat call or another data set size
+    (torch_xla's reads of sharded outputs used to compile a program per window)."""
+    counts = run_fresh(SPMD_SCRIPT, tmp_path, CPU_NUM_DEVICES="4")
+    for mode in ("eval", "predict"):
+        compiles, executions = zip(*counts[mode], strict=True)
+        assert compiles == (1, 0, 0), (mode, counts)
+        assert executions == (4, 4, 2), (mode, counts)  # one per step: ceil(29 / 8), ceil(9 / 8)

@@ -412,15 +412,16 @@ def save_checkpoint(model_dir: str, global_step: int, state: dict | Callable[[st
 
 
 def load_checkpoint(path: str) -> Any:
-    """Reads a checkpoint file into CPU memory with torch.load's weights-only reader (plain
+    """Maps a checkpoint file into CPU memory with torch.load's weights-only reader (plain
     tensors and Python values, never arbitrary objects); run_state.Checkpoint checks what it
-    holds."""
+    holds. Its tensors are views of the mapped file: reading one reads its pages only, and
+    after latest_checkpoint hashed the file they come from the page cache (one disk read)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     try:
         with warnings.catch_warnings():  # torch's notes on a file that is not ours: noise
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise ValueError(f"checkpoint {path!r} cannot be read (truncated, corrupt or not "
                          f"readable): {error}") from error

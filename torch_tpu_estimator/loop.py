@@ -88,7 +88,7 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
             for batch in windows.window(program.steps_left()):
                 number = program.steps_done + 1
                 replica.heartbeat(Progress.MODEL_FN, number)
-                outputs.append(run_step(lambda batch=batch: program.step(batch)))
+                outputs.append(run_step(lambda batch=batch: replica.readable(program.step(batch))))
                 replica.heartbeat(Progress.INPUT, number + 1)
                 batches.append(batch)
                 program.steps_done = number
@@ -140,5 +140,6 @@ def log_device_report(replica: Replica, mode: str, before: dict[str, float]) -> 
         return
     spent = {key: after[key] - before.get(key, 0) for key in after}
     logger.info("%s on XLA: %d compilation(s) in %.2f s, %d execution(s), %d device-to-host "
-                "transfer(s)", mode, spent["compilations"], spent["compile_seconds"],
-                spent["executions"], spent["transfers_to_host"])
+                "transfer(s) (one per window%s)", mode, spent["compilations"],
+                spent["compile_seconds"], spent["executions"], spent["transfers_to_host"],
+                ", and one per checkpoint written" if mode == ModeKeys.TRAIN else "")

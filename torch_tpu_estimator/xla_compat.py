@@ -88,10 +88,15 @@ def tf_variable_name(name: str) -> str:
     return _mangle_tf_root_scope_name(name)
 
 
+def sharding_of(tensor: torch.Tensor) -> str:
+    """An XLA tensor's sharding annotation as torch_xla prints it ("" when it has none)."""
+    return torch_xla._XLAC._get_xla_sharding_spec(tensor)
+
+
 def local_shard_shapes(tensor: torch.Tensor) -> list[tuple[int, ...]]:
     """The shape of each device's shard of an XLA tensor (the whole shape on each device for
     one that is not sharded)."""
-    if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+    if not sharding_of(tensor):
         return [tuple(tensor.shape)]
     return [tuple(shard.shape) for shard, _ in torch_xla._XLAC._get_local_shards([tensor])[0]]
 

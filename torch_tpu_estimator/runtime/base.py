@@ -145,6 +145,11 @@ class Replica(abc.ABC):
         """Averages the parameters' gradients over replicas (a no-op with one replica, and
         where the compiler reduces them: SPMD)."""
 
+    def readable(self, outputs: Any) -> Any:
+        """A step's outputs laid out to be read back cheaply at the window's end (on an SPMD
+        mesh: replicated inside the step, rather than gathered by a separate program)."""
+        return outputs
+
     def step_runner(self, mode: str, max_graphs: int | None) -> Callable[[Callable[[], T]], T]:
         """A function that runs one step's body, then ends the step. XLA replicas also hold
         `mode` to at most `max_graphs` different traced graphs (None: no limit)."""

@@ -123,9 +123,11 @@ class XlaReplica(Replica):
         return run_guarded
 
     def device_counters(self) -> dict[str, float]:
+        xm.wait_device_ops()  # executions are counted as they complete (once per call, not a step)
         compiles = met.metric_data("CompileTime") or (0, 0.0)
         return {"compilations": compiles[0], "compile_seconds": compiles[1] / 1e9,
-                "executions": (met.metric_data("ExecuteTime") or (0,))[0],
+                "executions": sum((met.metric_data(name) or (0,))[0]  # SPMD: replicated
+                                  for name in ("ExecuteTime", "ExecuteReplicatedTime")),
                 "transfers_to_host": (met.metric_data("TransferFromDeviceTime") or (0,))[0]}
 
     def to_host(self, tree: Any) -> Any:

@@ -26,6 +26,7 @@ import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
 from torch.utils._pytree import tree_map_only
 
+from .. import xla_compat
 from ..config import TPUConfig
 from .base import Launcher, Replica, ReplicaContext, Topology
 from .xla import XlaReplica, replica_device_count
@@ -103,6 +104,20 @@ class SpmdReplica(XlaReplica):
 
     def input_sharding(self) -> BatchAxisSharding:
         return self.batch_sharding
+
+    def readable(self, outputs: Any) -> Any:
+        # torch_xla reads a sharded tensor back through a replication program it compiles
+        # anew for every read (ReplicateShardedData): predict compiled a graph per window.
+        # Replicated inside the step instead, the outputs come back as they are.
+        return tree_map_only(torch.Tensor, self._replicated, outputs)
+
+    def _replicated(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 0:
+            return tensor
+        if xla_compat.sharding_of(tensor):  # an input (labels): annotate a copy, not it
+            tensor = tensor + torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+        xs.mark_sharding(tensor, self.mesh, (None,) * tensor.dim())
+        return tensor
 
     @property
     def shards_parameters(self) -> bool:
