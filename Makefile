@@ -29,6 +29,7 @@ lint: setup
 	$(VENV)/bin/ruff check torch_tpu_estimator tests examples benchmarks
 
 bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/estimator_vs_hand_loop.py
 
 clean:

@@ -17,5 +17,6 @@ setup(
         "dev": ["pytest", "pytest-xdist", "ruff", "tensorboard"],
         "examples": ["scikit-learn"],
         "tf": ["tensorflow-cpu"],
+        "bench": ["lightning"],
     },
 )

@@ -1,48 +1,44 @@
-"""TPUEstimator against the best hand-written torch_xla loop: train, evaluate and predict.
+"""TPUEstimator against hand-written torch_xla loops and Lightning: train, evaluate, predict.
 
-Each mode does the same work on the same model, data, batch size and device with TPUEstimator
-and with the loop the torch_xla docs recommend (DataLoader -> MpDeviceLoader, xm.optimizer_step,
-no per-step `.item()`: each step's outputs stay on the device and come to the host in one
-transfer at the end, every step runs the same compiled graph), in one process, alternating,
-after both sides have compiled. Models: an MLP (256-512-512-10) on 256 features and a small
-CNN (two 3x3 conv + ReLU + 2x2 max-pool layers, then a linear layer) on 3x16x16 images; random
-data, 10 classes, batch 128. Ratios above 1 mean the estimator is faster.
+Each mode does the same work on the same model, data, batch size and device with every side:
 
-- train: `--steps` Adam steps from a fresh model, reshuffling the data every pass. The
-  estimator's time includes writing its final checkpoint (it always does); the hand loop saves
-  nothing.
-- evaluate: loss and accuracy over every example, exactly, from one checkpoint trained once per
-  model. Both sides build the model and load the checkpoint's weights. The estimator pads the
-  last batch to the fixed shape and strips the padding on the host, where metrics.accuracy and a
-  per-example loss are averaged. The hand loop pads the data set to whole batches (repeating the
-  last example, as the estimator does, through the sampler), weighs each row (1 real, 0 padding)
-  and keeps one pair of weighted sums (loss, correct predictions) per step on the device.
-- predict: the argmax class of every example, on the host in input order. The estimator's
-  `predict(..., yield_single_examples=False)` generator is consumed whole; the hand loop pads the
-  same way, keeps each step's classes on the device and cuts the padding off on the host.
+- `estimator`: TPUEstimator (windows of 100 steps; the train run writes its final checkpoint).
+- `hand`: the loop the torch_xla docs recommend: a DataLoader collating rows -> MpDeviceLoader,
+  xm.optimizer_step, no per-step `.item()` (each step's outputs stay on the device and come
+  back in one transfer at the end).
+- `hand_indexed`: the same loop fetching each batch with one indexing op per tensor, which
+  leaves only the estimator's own overhead (windows, checks, gathering, host metrics).
+- `lightning`: PyTorch Lightning's XLA strategy on one device (when `lightning` is installed:
+  the `bench` extra), fit / validate / predict.
+- `estimator_accum4` (train only): TPUEstimator with UpdateConfig(accumulation_steps=4), the
+  same global batch in 4 micro-batches inside one step: the cost of accumulation.
 
-The eval and predict sizes need not divide by the batch: both sides pad. The warm-up run checks
-that both give the same eval metrics and the same predictions. Beside the rates, the summary
-gives the XLA compilations of each side's warm-up run (the hand loop warms up first; a graph it
-compiled is not compiled again for the estimator) and the device-to-host transfers of one timed
-run; timed runs compile nothing.
+Models: an MLP (64-256-256-10 on 64 features) and a small CNN (two 3x3 conv + ReLU + 2x2
+max-pool layers, then a linear layer, on 3x16x16 images); random data, 10 classes, batch 64,
+Adam. Modes: train (`--steps` steps from a fresh model), evaluate (loss and accuracy over every
+example, exactly, from a checkpoint), predict (the class of every example, in order).
 
-    PJRT_DEVICE=CPU python benchmarks/estimator_vs_hand_loop.py [--steps 300] [--repeats 5]
-        [--eval-examples 50000] [--predict-examples 50000] [--models mlp,cnn]
-        [--modes train,eval,predict] [--hand-fetch collate|indexed]
+Every run is a fresh process that warms up (compiles) and then times one steady-state run; the
+sides alternate, round after round, and the summary gives each side's median rate with min-max
+over `--repeats` rounds, the estimator's ratio to each other side (median of the per-round
+ratios, >1 = the estimator is faster), the compilations of the warm-up and the device-to-host
+transfers of the timed run (the timed runs compile nothing).
 
-The estimator fetches a TensorDataset's batches with one indexing op per tensor; the hand loops
-collate rows through a DataLoader by default, as the torch_xla examples do, or index whole
-batches too with --hand-fetch indexed, which isolates the estimator's own overhead.
+    PJRT_DEVICE=CPU python benchmarks/estimator_vs_hand_loop.py [--repeats 5] [--steps 500]
+        [--eval-examples 20000] [--predict-examples 20000] [--models mlp,cnn]
+        [--modes train,eval,predict] [--sides estimator,hand,hand_indexed,lightning]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.util
+import json
 import logging
-import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -63,20 +59,22 @@ from torch_tpu_estimator import (
     TPUConfig,
     TPUEstimator,
     TPUEstimatorSpec,
+    UpdateConfig,
     metrics,
 )
 
-BATCH = 128
+BATCH = 64
 TRAIN_EXAMPLES = 8192
 CHECKPOINT_STEPS = 20
 MODES = ("train", "eval", "predict")
+SIDES = ("estimator", "hand", "hand_indexed", "lightning", "estimator_accum4")
 Build = Callable[[], nn.Module]
 
 
 def make_mlp() -> nn.Module:
-    """256-512-512-10 with ReLUs."""
+    """64-256-256-10 with ReLUs."""
     return nn.Sequential(
-        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
 def make_cnn() -> nn.Module:
@@ -88,7 +86,7 @@ def make_cnn() -> nn.Module:
 
 
 MODELS: dict[str, tuple[Build, tuple[int, ...]]] = {
-    "mlp": (make_mlp, (256,)),
+    "mlp": (make_mlp, (64,)),
     "cnn": (make_cnn, (3, 16, 16)),
 }
 
@@ -100,7 +98,7 @@ def make_dataset(shape: tuple[int, ...], size: int, seed: int) -> TensorDataset:
     return TensorDataset(features, features.flatten(1)[:, :10].argmax(1))
 
 
-INDEXED_FETCH = False  # --hand-fetch indexed: the hand loops index whole batches too
+INDEXED_FETCH = False  # the hand_indexed side: the hand loops index whole batches
 
 
 def batch_loader(dataset: TensorDataset, sampler: Any) -> DataLoader:
@@ -194,7 +192,7 @@ def model_fn(model: nn.Module, features: torch.Tensor, labels: torch.Tensor | No
     return TPUEstimatorSpec(mode, loss=F.cross_entropy(logits, labels))
 
 
-def make_estimator(build: Build, model_dir: str) -> TPUEstimator:
+def make_estimator(build: Build, model_dir: str, accumulation: int = 1) -> TPUEstimator:
     """TPUEstimator with checkpoints, summaries and step logging off, windows of 100 steps."""
     return TPUEstimator(
         model_fn=model_fn, model_init_fn=lambda params: build(),
@@ -202,13 +200,15 @@ def make_estimator(build: Build, model_dir: str) -> TPUEstimator:
         model_dir=model_dir, train_batch_size=BATCH, eval_batch_size=BATCH,
         predict_batch_size=BATCH,
         config=RunConfig(save_checkpoints_steps=None, log_step_count_steps=None,
-                         save_summary_steps=None, tpu_config=TPUConfig(iterations_per_loop=100)))
+                         save_summary_steps=None, tpu_config=TPUConfig(iterations_per_loop=100),
+                         update_config=UpdateConfig(accumulation_steps=accumulation)))
 
 
-def estimator_train(build: Build, dataset: TensorDataset, steps: int,
-                    scratch: str) -> None:
+def estimator_train(build: Build, dataset: TensorDataset, steps: int, scratch: str,
+                    accumulation: int = 1) -> None:
     """`steps` steps of TPUEstimator.train in a new model_dir, final checkpoint included."""
-    make_estimator(build, tempfile.mkdtemp(dir=scratch)).train(lambda params: dataset, steps=steps)
+    make_estimator(build, tempfile.mkdtemp(dir=scratch), accumulation).train(
+        lambda params: dataset, steps=steps)
 
 
 def estimator_predict(estimator: TPUEstimator, dataset: TensorDataset) -> torch.Tensor:
@@ -223,125 +223,150 @@ def count(metric: str) -> int:
     return 0 if data is None else data[0]
 
 
-@dataclasses.dataclass
-class Run:
-    """One run of one side: wall time, XLA compilations, device-to-host transfers, result."""
+def lightning_side(build: Build, mode: str, dataset: TensorDataset, steps: int,
+                   checkpoint: str | None) -> Callable[[], Any]:
+    """Lightning's XLA strategy on one device doing the same work (fit, validate, predict)."""
+    import lightning as L
+    from torch_xla._internal import tpu
 
-    seconds: float
-    compiles: int
-    transfers: int
-    result: Any
+    tpu.num_available_devices = lambda: 1  # Lightning refuses XLA:CPU otherwise
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = build() if checkpoint is None else restored(build, checkpoint).cpu()
+
+        def training_step(self, batch, index):
+            features, labels = batch
+            return F.cross_entropy(self.model(features), labels)
+
+        def validation_step(self, batch, index):
+            features, labels = batch
+            logits = self.model(features)
+            self.log_dict({"loss": F.cross_entropy(logits, labels),
+                           "accuracy": (logits.argmax(1) == labels).float().mean()})
+
+        def predict_step(self, batch, index):
+            return self.model(batch[0]).argmax(1)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(accelerator="tpu", devices=1, max_steps=steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+
+    def run() -> Any:
+        torch.manual_seed(0)
+        module = Module()
+        if mode == "train":
+            sampler = RandomSampler(dataset, num_samples=steps * BATCH)
+            trainer().fit(module, batch_loader(dataset, sampler))
+        elif mode == "eval":
+            return trainer().validate(module, padded_loader(dataset), verbose=False)
+        else:
+            return trainer().predict(module, padded_loader(dataset))
+    return run
 
 
-def measure(work: Callable[[], Any]) -> Run:
-    """Runs `work` once, until the device is idle."""
-    compiles, transfers = count("CompileTime"), count("TransferFromDeviceTime")
-    started = time.perf_counter()
-    result = work()
-    xm.wait_device_ops()
-    seconds = time.perf_counter() - started
-    return Run(seconds, count("CompileTime") - compiles,
-               count("TransferFromDeviceTime") - transfers, result)
-
-
-def check_agreement(mode: str, hand: Any, estimator: Any) -> None:
-    """Raises unless both sides gave the same eval metrics or the same predictions."""
-    if mode == "train":  # the two sides shuffle differently: nothing to compare
-        return
-    if mode == "eval":
-        same = all(math.isclose(hand[key], estimator[key], rel_tol=1e-5) for key in hand)
+def side_work(side: str, model: str, mode: str, args: argparse.Namespace, scratch: str,
+              checkpoint: str | None) -> tuple[Callable[[], Any], int]:
+    """The work one side does for one model and mode, and how many steps or examples it is."""
+    build, shape = MODELS[model]
+    if mode == "train":
+        dataset, amount = make_dataset(shape, TRAIN_EXAMPLES, seed=0), args.steps
     else:
-        same = torch.equal(hand, estimator)
-    if not same:
-        raise RuntimeError(f"{mode}: the hand loop gave {hand}, TPUEstimator {estimator}")
+        amount = args.eval_examples if mode == "eval" else args.predict_examples
+        dataset = make_dataset(shape, amount, seed=1 if mode == "eval" else 2)
+        if mode == "predict":
+            dataset = TensorDataset(dataset.tensors[0])
+    global INDEXED_FETCH
+    INDEXED_FETCH = side == "hand_indexed"
+    if side == "lightning":
+        return lightning_side(build, mode, dataset, args.steps, checkpoint), amount
+    if side.startswith("hand"):
+        work = {"train": lambda: hand_train(build, dataset, args.steps),
+                "eval": lambda: hand_eval(build, checkpoint, dataset),
+                "predict": lambda: hand_predict(build, checkpoint, dataset)}[mode]
+        return work, amount
+    if mode == "train":
+        accumulation = 4 if side == "estimator_accum4" else 1
+        return lambda: estimator_train(build, dataset, args.steps, scratch, accumulation), amount
+    estimator = make_estimator(build, os.path.dirname(checkpoint))
+    if mode == "eval":
+        return lambda: estimator.evaluate(lambda params: dataset), amount
+    return lambda: estimator_predict(estimator, dataset), amount
 
 
-@dataclasses.dataclass
-class Row:
-    """The summary of one model and mode."""
-
-    model: str
-    mode: str
-    unit: str
-    hand_rate: float
-    estimator_rate: float
-    ratio: float
-    hand: Run
-    estimator: Run
-    warmup_compiles: tuple[int, int]  # (hand, estimator): a timed run compiles nothing more
-
-
-def compare(model: str, mode: str, hand: Callable[[], Any], estimator: Callable[[], Any],
-            amount: int, repeats: int) -> Row:
-    """Warms both sides up (checking that they agree, and counting what they compile), then
-    times alternating runs of each."""
-    hand_warmup, estimator_warmup = measure(hand), measure(estimator)
-    check_agreement(mode, hand_warmup.result, estimator_warmup.result)
-    unit = "steps/s" if mode == "train" else "examples/s"
-    hand_rates, estimator_rates, ratios = [], [], []
-    for repeat in range(repeats):
-        hand_run, estimator_run = measure(hand), measure(estimator)
-        hand_rates.append(amount / hand_run.seconds)
-        estimator_rates.append(amount / estimator_run.seconds)
-        ratios.append(estimator_rates[-1] / hand_rates[-1])
-        print(f"{model:3} {mode:7} run {repeat + 1}: hand loop {hand_rates[-1]:9.1f} {unit:10}  "
-              f"TPUEstimator {estimator_rates[-1]:9.1f} {unit:10}  ratio {ratios[-1]:.3f}",
-              flush=True)
-    return Row(model, mode, unit, statistics.median(hand_rates),
-               statistics.median(estimator_rates), statistics.median(ratios), hand_run,
-               estimator_run, (hand_warmup.compiles, estimator_warmup.compiles))
+def one_run(side: str, model: str, mode: str, args: argparse.Namespace) -> dict:
+    """In this (fresh) process: a warm-up run, then one timed run of one side."""
+    with tempfile.TemporaryDirectory() as scratch:
+        work, amount = side_work(side, model, mode, args, scratch, args.checkpoint)
+        compiles = count("CompileTime")
+        work()
+        xm.wait_device_ops()
+        warmup_compiles = count("CompileTime") - compiles
+        compiles, transfers = count("CompileTime"), count("TransferFromDeviceTime")
+        started = time.perf_counter()
+        work()
+        xm.wait_device_ops()
+        seconds = time.perf_counter() - started
+    return {"rate": amount / seconds, "warmup_compiles": warmup_compiles,
+            "timed_compiles": count("CompileTime") - compiles,
+            "transfers": count("TransferFromDeviceTime") - transfers}
 
 
-def benchmark_model(name: str, args: argparse.Namespace) -> list[Row]:
-    """Every requested mode of one model; eval and predict share one trained checkpoint."""
-    build, shape = MODELS[name]
+def fresh(args: argparse.Namespace, *options: str) -> dict:
+    """Runs this script with `options` in a new interpreter; returns the JSON it prints."""
+    command = [sys.executable, os.path.abspath(__file__), *options,
+               "--steps", str(args.steps), "--eval-examples", str(args.eval_examples),
+               "--predict-examples", str(args.predict_examples)]
+    done = subprocess.run(command, env=dict(os.environ, PJRT_DEVICE="CPU"),
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(options)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prepare_checkpoint(model: str, directory: str) -> str:
+    """A checkpoint trained CHECKPOINT_STEPS steps, which eval and predict read."""
+    build, shape = MODELS[model]
+    estimator = make_estimator(build, directory)
+    train_set = make_dataset(shape, TRAIN_EXAMPLES, seed=0)
+    estimator.train(lambda params: train_set, steps=CHECKPOINT_STEPS)
+    return estimator.latest_checkpoint()
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def benchmark(args: argparse.Namespace, sides: list[str]) -> list[str]:
+    """Markdown rows: for each model and mode, every side's rate and the estimator's ratios."""
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        estimator = make_estimator(build, f"{scratch}/trained")
-        train_set = make_dataset(shape, TRAIN_EXAMPLES, seed=0)
-        if "train" in args.modes:
-            rows.append(compare(
-                name, "train", lambda: hand_train(build, train_set, args.steps),
-                lambda: estimator_train(build, train_set, args.steps, scratch), args.steps,
-                args.repeats))
-        if "eval" in args.modes or "predict" in args.modes:
-            estimator.train(lambda params: train_set, steps=CHECKPOINT_STEPS)
-            checkpoint = estimator.latest_checkpoint()
-        if "eval" in args.modes:
-            eval_set = make_dataset(shape, args.eval_examples, seed=1)
-            rows.append(compare(
-                name, "eval", lambda: hand_eval(build, checkpoint, eval_set),
-                lambda: estimator.evaluate(lambda params: eval_set), args.eval_examples,
-                args.repeats))
-        if "predict" in args.modes:
-            features = make_dataset(shape, args.predict_examples, seed=2).tensors[0]
-            predict_set = TensorDataset(features)
-            rows.append(compare(
-                name, "predict", lambda: hand_predict(build, checkpoint, predict_set),
-                lambda: estimator_predict(estimator, predict_set), args.predict_examples,
-                args.repeats))
+        for model in args.models:
+            checkpoint = fresh(args, "--prepare", model, os.path.join(scratch, model))["path"]
+            for mode in args.modes:
+                chosen = [side for side in sides if mode == "train" or side != "estimator_accum4"]
+                runs: dict[str, list[dict]] = {side: [] for side in chosen}
+                for round_ in range(args.repeats):
+                    for side in chosen:  # alternating, a fresh process each
+                        runs[side].append(fresh(args, "--one", side, model, mode,
+                                                "--checkpoint", checkpoint))
+                    print(f"{model} {mode} round {round_ + 1}: " + ", ".join(
+                        f"{side} {runs[side][-1]['rate']:.1f}" for side in chosen), flush=True)
+                unit = "steps/s" if mode == "train" else "examples/s"
+                for side in chosen:
+                    rates = [run["rate"] for run in runs[side]]
+                    ratios = [estimator["rate"] / run["rate"] for estimator, run in
+                              zip(runs["estimator"], runs[side], strict=True)]
+                    last = runs[side][-1]
+                    rows.append(f"| {model} | {mode} | {side} | {summary(rates)} {unit} | "
+                                f"{summary(ratios) if side != 'estimator' else ''} | "
+                                f"{last['warmup_compiles']} | {last['transfers']} |")
     return rows
-
-
-def print_tables(rows: list[Row]) -> None:
-    """The medians as an aligned table, then as a Markdown table."""
-    print("\nmedians; compiles of the warm-up run and transfers of one timed run "
-          "(hand / estimator)")
-    print(f"{'model':5} {'mode':7} {'unit':10} {'hand loop':>10} {'estimator':>10} {'ratio':>6} "
-          f"{'compiles':>9} {'transfers':>10}")
-    for row in rows:
-        print(f"{row.model:5} {row.mode:7} {row.unit:10} {row.hand_rate:10.1f} "
-              f"{row.estimator_rate:10.1f} {row.ratio:6.3f} "
-              f"{f'{row.warmup_compiles[0]} / {row.warmup_compiles[1]}':>9} "
-              f"{f'{row.hand.transfers} / {row.estimator.transfers}':>10}")
-    print("\n| model | mode | hand loop | TPUEstimator | ratio | compiles in warm-up (hand / "
-          "est.) | transfers per run (hand / est.) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row.model} | {row.mode} | {row.hand_rate:.1f} {row.unit} "
-              f"| {row.estimator_rate:.1f} {row.unit} | {row.ratio:.3f} "
-              f"| {row.warmup_compiles[0]} / {row.warmup_compiles[1]} "
-              f"| {row.hand.transfers} / {row.estimator.transfers} |")
 
 
 def names(text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -362,27 +387,41 @@ def positive(text: str) -> int:
 
 
 def main() -> None:
-    """Parses the options, compares every chosen model and mode, prints the tables."""
+    """Parses the options; runs one side (--one), prepares a checkpoint (--prepare), or drives
+    the whole comparison and prints its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=positive, default=300, help="train steps per run")
-    parser.add_argument("--eval-examples", type=positive, default=50000)
-    parser.add_argument("--predict-examples", type=positive, default=50000)
+    parser.add_argument("--steps", type=positive, default=500, help="train steps per run")
+    parser.add_argument("--eval-examples", type=positive, default=20000)
+    parser.add_argument("--predict-examples", type=positive, default=20000)
     parser.add_argument("--repeats", type=positive, default=5)
     parser.add_argument("--models", type=lambda text: names(text, tuple(MODELS)),
                         default=list(MODELS))
     parser.add_argument("--modes", type=lambda text: names(text, MODES), default=list(MODES))
-    parser.add_argument("--hand-fetch", choices=("collate", "indexed"), default="collate",
-                        help="how the hand loops batch a TensorDataset: a DataLoader collating "
-                             "rows (the torch_xla examples), or one index op per batch")
+    parser.add_argument("--sides", type=lambda text: names(text, SIDES), default=list(SIDES))
+    parser.add_argument("--one", nargs=3, metavar=("SIDE", "MODEL", "MODE"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", nargs=2, metavar=("MODEL", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global INDEXED_FETCH
-    INDEXED_FETCH = args.hand_fetch == "indexed"
     logging.basicConfig(level=logging.WARNING)
+    if args.one:
+        print(json.dumps(one_run(*args.one, args)))
+        return
+    if args.prepare:
+        print(json.dumps({"path": prepare_checkpoint(*args.prepare)}))
+        return
+    sides = [side for side in args.sides
+             if side != "lightning" or importlib.util.find_spec("lightning") is not None]
+    if "estimator" not in sides:
+        sides.insert(0, "estimator")
     print(f"device {xm.xla_device_hw(torch_xla.device())}, batch {BATCH}, {args.steps} train "
           f"steps, {args.eval_examples} eval and {args.predict_examples} predict examples, "
-          f"{args.repeats} runs each, hand loops fetch by {args.hand_fetch}")
-    rows = [row for name in args.models for row in benchmark_model(name, args)]
-    print_tables(rows)
+          f"{args.repeats} rounds of fresh processes, sides {', '.join(sides)}")
+    rows = benchmark(args, sides)
+    print("\n| model | mode | side | rate, median (min-max) | estimator / side, median "
+          "(min-max) | compiles in warm-up | transfers per timed run |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

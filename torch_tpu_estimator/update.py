@@ -27,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import UpdateConfig
+from .flat_update import FlatAdam, flattenable
 from .runtime.base import Progress, Replica
 from .tree import map_tensors
 
@@ -107,6 +108,11 @@ class UpdateStep:
                  config: UpdateConfig):
         self.replica, self.model, self.config = replica, model, config
         self.optimizers, self.schedulers = optimizers, schedulers
+        # the optimizer steps: torch's, or the same Adam over flat buffers (flat_update.py)
+        self._steppers = {name: FlatAdam(optimizer).step
+                          if config.flat_optimizer and not replica.shards_parameters
+                          and flattenable(optimizer) else optimizer.step
+                          for name, optimizer in optimizers.items()}
         self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
         self.global_step = 0  # the step being run, counted from 1
         self.took_charge = False  # whether model_fn ran an update in this step
@@ -157,7 +163,7 @@ class UpdateStep:
         norm = None
         if self.config.clip_global_norm is not None:
             norm = self.clip_grad_norm(self.config.clip_global_norm, name)
-        self.optimizers[name].step()
+        self._steppers[name]()
         if self.schedulers[name] is not None:
             self.schedulers[name].step()
         return norm
