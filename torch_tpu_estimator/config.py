@@ -16,6 +16,7 @@ from .spec import ModeKeys
 STRATEGIES = ("mp", "spmd")
 PARAM_SHARDINGS = ("replicated", "fsdp", "manual")
 PRECISIONS = ("fp32", "bf16")
+PROGRESS_STYLES = ("auto", "bar", "log", "off")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
 _SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -285,6 +286,8 @@ class RunConfig:
       comes first), and one at the end of train().
     keep_checkpoint_max: the newest kept; keep_checkpoint_every_n_hours also keeps, for good,
       one checkpoint per that many hours of the run, as TF's Saver does.
+    progress: how long calls show their progress (progress.py): "auto" (a bar on a terminal,
+      log lines otherwise), "bar", "log" or "off".
     TF arguments that configure graphs and sessions (session_config, cluster, master, ...) are
     accepted so that a ported script runs, with a one-time warning that they are ignored;
     tf_random_seed is TF's name for seed.
@@ -301,6 +304,7 @@ class RunConfig:
     tpu_config: TPUConfig = dataclasses.field(default_factory=TPUConfig)
     dataset_config: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
     update_config: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
+    progress: str = "auto"
     tf_random_seed: dataclasses.InitVar[int | None] = None
     session_config: dataclasses.InitVar[object] = None
     cluster: dataclasses.InitVar[object] = None
@@ -357,6 +361,8 @@ class RunConfig:
             isinstance(self.dataset_config, DatasetConfig),
             f"dataset_config must be a DatasetConfig, got {type(self.dataset_config).__name__}",
         )
+        _require(self.progress in PROGRESS_STYLES,
+                 f"progress must be one of {PROGRESS_STYLES}, got {self.progress!r}")
         _require(
             isinstance(self.update_config, UpdateConfig),
             f"update_config must be an UpdateConfig, got {type(self.update_config).__name__}",

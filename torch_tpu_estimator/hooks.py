@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -31,9 +31,10 @@ class Window:
     first_step: int  # global step before the window's first step
     last_step: int  # global step after the window's last step
     losses: np.ndarray  # TRAIN: one loss per step, replica mean; EVAL: one per real example
-    learning_rates: Sequence[float]  # one per step, as the optimizer had it for that step
+    learning_rates: Sequence[float]  # one per step: the first parameter group's, for that step
     seconds: float
     examples: int  # global examples consumed in the window
+    group_learning_rates: Sequence[Mapping[str, float]] = ()  # one per step: every group's
 
     @property
     def loss(self) -> float:
@@ -49,6 +50,8 @@ class RunContext:
     is_chief: bool
     model_dir: str | None
     stop_requested: bool = False
+    total_steps: int | None = None  # train: the steps this call will run, when known
+    total_examples: int | None = None  # evaluate, predict: the examples to read, when known
 
     def request_stop(self) -> None:
         self.stop_requested = True

@@ -24,6 +24,8 @@ from .input import HostBatch
 from .job import InputFn, Job
 from .loop import ModeProgram, run_loop, run_to_end
 from .metrics import Metric
+from .progress import progress_hooks
+from .run_record import write_hparams
 from .run_state import Checkpoint, RunState
 from .runtime.base import Replica
 from .spec import ModeKeys, call_with_tensors
@@ -41,9 +43,17 @@ def _restored(ctx: ModeContext, checkpoint_path: str) -> RunState:
     return state
 
 
-def _windows(ctx: ModeContext, input_fn: InputFn) -> WindowedBatches:
+def _windows(ctx: ModeContext, input_fn: InputFn, program: ModeProgram,
+             steps: int | None = None) -> WindowedBatches:
+    """The device batches of one pass; the program's context learns how many examples it has,
+    when the input says (for the progress display)."""
     streams = InputStreams(ctx, input_fn)
-    return WindowedBatches(ctx.replica.device_batches(streams.host_batches()), ctx)
+    windows = WindowedBatches(ctx.replica.device_batches(streams.host_batches()), ctx)
+    examples = streams.examples()
+    if examples is not None and steps is not None:
+        examples = min(examples, steps * ctx.global_batch_size)
+    program.context.total_examples = examples
+    return windows
 
 
 def _gathered(ctx: ModeContext, outputs: list[Any], batches: list[HostBatch]) -> Any:
@@ -130,11 +140,15 @@ def evaluate_replica(job: Job, replica: Replica, input_fn: InputFn, steps: int |
     """Evaluates a checkpoint over the whole input (or `steps` batches); returns the metrics."""
     ctx = ModeContext(job, replica, ModeKeys.EVAL)
     program = EvalProgram(ctx, _restored(ctx, checkpoint_path), steps)
-    run_to_end(program, _windows(ctx, input_fn), hooks)
+    windows = _windows(ctx, input_fn, program, steps)
+    run_to_end(program, windows, [*progress_hooks(ctx.config.progress), *hooks])
     results = program.results()
     global_step = program.context.global_step
     if ctx.is_chief:
-        write_scalars(eval_dir(job.model_dir, name), results, global_step)
+        directory = eval_dir(job.model_dir, name)
+        write_scalars(directory, {key: value for key, value in results.items()
+                                  if key != "global_step"}, global_step)
+        write_hparams(directory, job.params, results)
     logger.info("Saving dict for global step %d: %s", global_step,
                 ", ".join(f"{key} = {value:.6g}" for key, value in sorted(results.items())))
     return results
@@ -210,6 +224,8 @@ def predict_replica(job: Job, replica: Replica, input_fn: InputFn,
     ctx = ModeContext(job, replica, ModeKeys.PREDICT)
     program = PredictProgram(ctx, _restored(ctx, checkpoint_path), predict_keys,
                              yield_single_examples)
-    with contextlib.closing(run_loop(program, _windows(ctx, input_fn), hooks)) as windows:
-        for items in windows:
+    windows = _windows(ctx, input_fn, program)
+    hooks = [*progress_hooks(ctx.config.progress), *hooks]
+    with contextlib.closing(run_loop(program, windows, hooks)) as results:
+        for items in results:
             yield from items

@@ -219,6 +219,10 @@ class InputPipeline:
                 "training, set TPUConfig(per_host_input_for_training=False) to shard it yourself"
             )
 
+    def examples(self) -> int | None:
+        """How many examples one pass reads, when the source says (a map-style Dataset)."""
+        return len(self.source) if self.kind == "map_dataset" else None
+
     def batches(self, start: InputPosition = InputPosition()) -> Iterator[HostBatch]:
         """Training: pass after pass from `start`, until DatasetConfig.num_epochs passes (counted
         from the first) or, with `one_pass`, to the end of the first pass this call reads from;

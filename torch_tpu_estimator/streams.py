@@ -31,17 +31,24 @@ class InputStreams:
         self.ctx, self.input_fn, self.one_pass = ctx, input_fn, one_pass
         self.shards = ctx.input_shards()
         self.positions = {shard.key: InputPosition() for shard in self.shards}
+        self.pipelines: list[InputPipeline] = []
 
     def host_batches(self) -> Iterator[HostBatch]:
         """Calls input_fn once per stream and yields this process's batches, each stream from
         its current position."""
-        streams = []
-        for shard in self.shards:
-            pipeline = InputPipeline(self.ctx.call_input_fn(self.input_fn, shard), self.ctx.mode,
-                                     shard, self.ctx.config.dataset_config, self.ctx.config.seed,
-                                     self.one_pass)
-            streams.append(pipeline.batches(self.positions[shard.key]))
-        return concatenated(streams)
+        self.pipelines = [
+            InputPipeline(self.ctx.call_input_fn(self.input_fn, shard), self.ctx.mode, shard,
+                          self.ctx.config.dataset_config, self.ctx.config.seed, self.one_pass)
+            for shard in self.shards]
+        return concatenated([pipeline.batches(self.positions[pipeline.shard.key])
+                             for pipeline in self.pipelines])
+
+    def examples(self) -> int | None:
+        """How many examples one pass of per-host input reads, when its source says so
+        (after host_batches called input_fn)."""
+        if len(self.pipelines) != 1 or self.pipelines[0].shard.key != "host":
+            return None
+        return self.pipelines[0].examples()
 
     def consumed(self, batch: HostBatch) -> None:
         """Marks `batch` as used by a step: a checkpoint now resumes after it."""

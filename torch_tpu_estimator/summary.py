@@ -52,7 +52,13 @@ class TrainSummaryHook(Hook):
         for step in steps:
             index = step - window.first_step - 1
             self._writer.add_scalar("loss", float(window.losses[index]), step)
-            self._writer.add_scalar("learning_rate", window.learning_rates[index], step)
+            rates = window.group_learning_rates[index] if window.group_learning_rates else {
+                "": window.learning_rates[index]}
+            if len(set(rates.values())) == 1:  # one rate: one chart, as TF writes it
+                self._writer.add_scalar("learning_rate", next(iter(rates.values())), step)
+            else:  # groups that differ: one chart each, "learning_rate/<optimizer>/<group>"
+                for name, rate in rates.items():
+                    self._writer.add_scalar(f"learning_rate/{name}", rate, step)
             self._writer.add_scalar("global_step/sec", steps_per_sec, step)
             self._writer.add_scalar("examples/sec", window.examples / seconds, step)
 

@@ -27,6 +27,8 @@ from .job import InputFn, Job
 from .locking import model_dir_lock
 from .loop import ModeProgram, run_to_end
 from .preemption import TerminationRequest
+from .progress import progress_hooks
+from .run_record import RunRecordHook
 from .run_state import Checkpoint, RunState
 from .runtime.base import Replica
 from .spec import ModeKeys, call_with_tensors
@@ -72,6 +74,7 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
             return TrainOutcome(state.global_step)
         windows = WindowedBatches(replica.device_batches(streams.host_batches()), ctx, interrupt)
         program = TrainProgram(ctx, state, target, hooks)
+        program.context.total_steps = None if target is None else target - state.global_step
         state.model.train()
         preempted = run_to_end(program, windows, program.hooks, interrupt)
         if windows.exhausted:
@@ -105,9 +108,11 @@ class TrainProgram(ModeProgram):
             self.hooks.append(LoggingHook(config.log_step_count_steps))
         if config.save_summary_steps:
             self.hooks.append(TrainSummaryHook(ctx.model_dir, config.save_summary_steps))
+        self.hooks.extend(progress_hooks(config.progress))
+        self.hooks.append(RunRecordHook(ctx.job, ctx.replica.topology.name))
         self.hooks.extend(user_hooks)
         self.last_saved_step, self.last_saved_time = state.global_step, checkpoint.now()
-        self.learning_rates: list[float] = []
+        self.learning_rates: list[dict[str, float]] = []
         self.host_call_fn: Callable[..., Any] | None = None
         self.host_call_every = config.tpu_config.experimental_host_call_every_n_steps
 
@@ -116,7 +121,7 @@ class TrainProgram(ModeProgram):
 
     def step(self, batch: HostBatch) -> tuple[torch.Tensor, Any]:
         update = self.state.update
-        self.learning_rates.append(update.learning_rate())
+        self.learning_rates.append(update.learning_rates())
         spec = update.run(
             lambda features, labels, params, update: self.ctx.call_model_fn(
                 self.state.model, features, labels, params, update),
@@ -140,7 +145,9 @@ class TrainProgram(ModeProgram):
             self._run_host_call(host_call_tensors, first_step)
         window = Window(first_step=first_step, last_step=self.state.global_step,
                         losses=replica.host_mean(torch.stack(losses).double().numpy()),
-                        learning_rates=self.learning_rates, seconds=seconds,
+                        learning_rates=[next(iter(rates.values())) for rates in
+                                        self.learning_rates],
+                        group_learning_rates=self.learning_rates, seconds=seconds,
                         examples=len(outputs) * self.ctx.global_batch_size)
         self.learning_rates = []
         self.context.global_step = self.state.global_step

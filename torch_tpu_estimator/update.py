@@ -224,9 +224,11 @@ class UpdateStep:
                 "update.step(loss, name) for each (the built-in update, and gradient "
                 "accumulation, drive one optimizer)")
 
-    def learning_rate(self) -> float:
-        """The first optimizer's first parameter group's learning rate, before this step."""
-        return float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
+    def learning_rates(self) -> dict[str, float]:
+        """Every parameter group's learning rate before this step, as "<optimizer>/<group>"
+        (Python floats the schedulers set: no device read)."""
+        return {f"{name}/{index}": float(group["lr"]) for name, optimizer in self.optimizers.items()
+                for index, group in enumerate(optimizer.param_groups)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": {name: optimizer.state_dict()
