@@ -1,17 +1,42 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'^__version__ = "([^"]+)"',
+                    Path("torch_tpu_estimator/__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="torch_tpu_estimator",
-    version="0.1.0",
+    version=VERSION,
     description="TensorFlow's TPUEstimator pattern for PyTorch/XLA: model_fn + input_fn, then "
     "train, evaluate, predict and export on TPU, XLA:CPU or plain PyTorch.",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    url="https://github.com/torch-tpu-estimator/torch_tpu_estimator",
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: Apache Software License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Typing :: Typed",
+    ],
     packages=find_packages(include=["torch_tpu_estimator", "torch_tpu_estimator.*"]),
+    package_data={"torch_tpu_estimator": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=[
+        # torch_xla needs the torch release it was built against; 2.9.0 is the pair tested
         "torch==2.9.0",
         "torch-xla==2.9.0",
         "numpy",
         "tensorboardX",
+        "tqdm",
     ],
     extras_require={
         "dev": ["pytest", "pytest-xdist", "ruff", "tensorboard"],

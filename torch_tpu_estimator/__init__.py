@@ -1,60 +1,66 @@
-"""TensorFlow's TPUEstimator pattern for PyTorch/XLA: write model_fn and input_fn, then train."""
+"""TensorFlow's TPUEstimator pattern for PyTorch/XLA: write model_fn and input_fn, then train.
 
-from .config import DatasetConfig, InputPipelineConfig, RunConfig, TPUConfig, UpdateConfig
-from .estimator import TPUEstimator
-from .hooks import (
-    CheckpointSaverListener,
-    Hook,
-    LoggingHook,
-    NanLossDuringTrainingError,
-    NanLossGuard,
-    RunContext,
-    StopAtStepHook,
-    Window,
-)
-from .locking import ModelDirInUseError
-from .runtime.base import RecompilationError, ReplicaContext
-from .runtime.launcher import ReplicaFailedError, ReplicaHungError
-from .schedule import EarlyStopping, KeepBestCheckpoint, train_and_evaluate
-from .spec import EstimatorSpec, ModeKeys, TPUEstimatorSpec
-from .update import UpdateStep
+The public names load on first use (PEP 562), so that importing the package, and
+`python -m torch_tpu_estimator --help`, start neither torch nor torch_xla; torch_xla is
+imported only by the runs that use it.
+"""
 
-__all__ = [
-    "CheckpointSaverListener",
-    "DatasetConfig",
-    "EarlyStopping",
-    "EstimatorSpec",
-    "ExportedModel",
-    "Hook",
-    "InputPipelineConfig",
-    "KeepBestCheckpoint",
-    "LoggingHook",
-    "ModeKeys",
-    "ModelDirInUseError",
-    "NanLossDuringTrainingError",
-    "NanLossGuard",
-    "RecompilationError",
-    "ReplicaContext",
-    "ReplicaFailedError",
-    "ReplicaHungError",
-    "RunConfig",
-    "RunContext",
-    "StopAtStepHook",
-    "TPUConfig",
-    "TPUEstimator",
-    "TPUEstimatorSpec",
-    "UpdateConfig",
-    "UpdateStep",
-    "Window",
-    "load_exported",
-    "train_and_evaluate",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "CheckpointSaverListener": "hooks",
+    "DatasetConfig": "config",
+    "EarlyStopping": "schedule",
+    "EstimatorSpec": "spec",
+    "ExportedModel": "serving",
+    "Hook": "hooks",
+    "InputPipelineConfig": "config",
+    "KeepBestCheckpoint": "schedule",
+    "LoggingHook": "hooks",
+    "ModeKeys": "spec",
+    "ModelDirInUseError": "locking",
+    "NanLossDuringTrainingError": "hooks",
+    "NanLossGuard": "hooks",
+    "RecompilationError": "runtime.base",
+    "ReplicaContext": "runtime.base",
+    "ReplicaFailedError": "runtime.launcher",
+    "ReplicaHungError": "runtime.launcher",
+    "RunConfig": "config",
+    "RunContext": "hooks",
+    "StopAtStepHook": "hooks",
+    "TPUConfig": "config",
+    "TPUEstimator": "estimator",
+    "TPUEstimatorSpec": "spec",
+    "UpdateConfig": "config",
+    "UpdateStep": "update",
+    "WarmStartSettings": "warm_start",
+    "Window": "hooks",
+    "load_exported": "serving",
+    "train_and_evaluate": "schedule",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    """load_exported and ExportedModel import torch_xla, so they load on first use: importing
-    the package alone never starts torch_xla (plain PyTorch runs do not need it)."""
-    if name in ("ExportedModel", "load_exported"):
-        from . import serving
-        return getattr(serving, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _EXPORTS[name] == "serving":  # torch_xla's import configures the root logger
+        from .logs import keeping_root_logging
+
+        with keeping_root_logging():
+            module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    else:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    value = getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -22,6 +22,7 @@ from .context import RESERVED_PARAMS, ModeContext
 from .hooks import Hook
 from .inference import evaluate_replica, predict_replica
 from .job import InputFn, Job, ModelInitFn, OptimizerFn
+from .logs import keeping_root_logging
 from .paths import relative_inside
 from .run_state import Checkpoint, RunState
 from .runtime import Launcher, Topology, resolve_launcher
@@ -362,7 +363,8 @@ class TPUEstimator:
             raise ValueError(f"weights_dtype must be torch.float32, float16 or float64, got "
                              f"{weights_dtype!r} (torch_xla 2.9's exporter stores weights as NumPy "
                              "arrays, which have no bfloat16)")
-        from .export import export_model, serving_weights  # imports torch_xla
+        with keeping_root_logging():  # torch_xla's import configures the root logger
+            from .export import export_model, serving_weights
         from .tf_export import import_tensorflow
         if as_tf_saved_model:
             import_tensorflow()
