@@ -135,7 +135,9 @@ def test_only_the_chief_writes_checkpoints_and_summaries(results, layout):
     assert [name for name in names if name.startswith("model.ckpt")] == [
         "model.ckpt-10.pt", "model.ckpt-6.pt"]
     assert len([name for name in names if name.startswith("events.out.tfevents")]) == 1
-    assert len(os.listdir(os.path.join(model_dir, "eval"))) == 1
+    eval_dir = os.path.join(model_dir, "eval")
+    assert len([name for name in os.listdir(eval_dir) if name.startswith("events.out")]) == 1
+    assert len(os.listdir(os.path.join(eval_dir, "hparams"))) == 1
 
 
 def test_under_torchrun_only_the_chief_exports_and_logs_progress(results):
