@@ -155,6 +155,18 @@ def test_learning_rates_of_groups_that_differ_get_a_chart_each(tmp_path):
     assert "learning_rate" not in tags
 
 
+def test_export_says_which_batch_size_it_is_lowering(tmp_path, caplog):
+    estimator = make_estimator(tmp_path / "model")
+    estimator.train(lambda params: make_data(16), steps=1)
+    caplog.set_level("INFO", logger="torch_tpu_estimator")
+    estimator.export_saved_model(tmp_path / "exports", make_data(4).tensors[0][:2],
+                                 batch_sizes=(1, 4))
+    assert [record.getMessage() for record in caplog.records
+            if record.getMessage().startswith("export: lowering")] == [
+        "export: lowering model_fn at batch size 1 (1 of 2)",
+        "export: lowering model_fn at batch size 4 (2 of 2)"]
+
+
 def test_help_answers_before_torch_is_imported():
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "torch_tpu_estimator",

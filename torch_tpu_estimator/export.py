@@ -268,7 +268,9 @@ def export_model(
         _check_tf_names([*inputs, *outputs])
     started = time.time()
     lowered = {}
-    for size in batch_sizes:
+    for number, size in enumerate(batch_sizes, 1):
+        logger.info("export: lowering model_fn at batch size %d (%d of %d)", size, number,
+                    len(batch_sizes))
         lowered[size] = _lowered(module, _tiled(inputs, size), with_weights=not lowered)
         _check_traced_outputs(lowered[size][0], size, output_specs)
     program = _one_bundle({size: programs[0] for size, programs in lowered.items()})
