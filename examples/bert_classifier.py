@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_tpu_estimator import (
-    Hook,
+    LossHistory,
     ModeKeys,
     RunConfig,
     TPUConfig,
@@ -265,17 +265,6 @@ def optimizer_fn(model, params):
     schedule = PolynomialDecay(optimizer, params["num_train_steps"], end_learning_rate=0.0,
                                power=1.0, warmup_steps=params["num_warmup_steps"])
     return optimizer, schedule
-
-
-class LossHistory(Hook):
-    """The first and last training loss, as the windows report them."""
-
-    def __init__(self):
-        self.first = self.last = None
-
-    def after_window(self, context, window):
-        self.first = float(window.losses[0]) if self.first is None else self.first
-        self.last = window.loss
 
 
 # --- The run ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from torch_tpu_estimator import (
-    Hook,
+    LossHistory,
     ModeKeys,
     RunConfig,
     TPUConfig,
@@ -70,17 +70,6 @@ def model_fn(model, features, labels, mode, params):
     return TPUEstimatorSpec(mode, loss=F.cross_entropy(logits, labels))
 
 
-class FirstAndLastLoss(Hook):
-    """Remembers the first and last training loss the windows report."""
-
-    def __init__(self):
-        self.first = self.last = None
-
-    def after_window(self, context, window):
-        self.first = float(window.losses[0]) if self.first is None else self.first
-        self.last = window.loss
-
-
 def optimizer_fn(model, params):
     optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"])
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=300, gamma=0.5)
@@ -122,7 +111,7 @@ def main() -> None:
     train_set, test_set = digits_datasets()
     estimator = make_estimator(args.model_dir, use_tpu=not args.no_tpu, spmd=args.spmd,
                                processes=args.processes, precision="bf16" if args.bf16 else "fp32")
-    losses = FirstAndLastLoss()
+    losses = LossHistory()
     estimator.train(lambda params: train_set, max_steps=args.steps, hooks=[losses])
     if losses.first is not None:
         print(f"training loss fell from {losses.first:.3f} to {losses.last:.3f}")

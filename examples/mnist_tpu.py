@@ -33,7 +33,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from torch_tpu_estimator import (
-    Hook,
+    LossHistory,
     ModeKeys,
     RunConfig,
     TPUConfig,
@@ -175,17 +175,6 @@ def predict_input_fn(params):
     # Take out top 10 samples from test data to make the predictions.
     images, _ = _splits()["test"]
     return TensorSlices({"image": images[:10]})
-
-
-class LossHistory(Hook):
-    """The first and last training loss, as the windows report them."""
-
-    def __init__(self):
-        self.first = self.last = None
-
-    def after_window(self, context, window):
-        self.first = float(window.losses[0]) if self.first is None else self.first
-        self.last = window.loss
 
 
 def main(argv: list[str] | None = None) -> dict:

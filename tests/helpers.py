@@ -78,6 +78,17 @@ def checkpoint_weights(estimator) -> dict:
     return {name: estimator.get_variable_value(name) for name in estimator.get_variable_names()}
 
 
+def same_values(a, b) -> bool:
+    """Nested checkpoint values equal exactly: tensors bit for bit, containers item by item."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, torch.as_tensor(b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_values(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def read_scalars(directory: str) -> dict[str, dict[int, float]]:
     """All scalar summaries of the event files in `directory`: tag -> {step: value}."""
     scalars: dict[str, dict[int, float]] = {}

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import make_data, make_estimator, run_fresh
+from helpers import make_data, make_estimator, run_fresh, same_values
 
 from torch_tpu_estimator import ModeKeys, TPUEstimatorSpec
 from torch_tpu_estimator.run_state import Checkpoint
@@ -137,15 +137,6 @@ def _state(path) -> dict:
             **saved.update_state(), "step": saved.global_step}
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, torch.as_tensor(b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
@@ -167,7 +158,7 @@ def test_sigkill_on_the_mesh_then_restart_is_bit_for_bit(tmp_path, sharded_run):
     assert killed.returncode == -signal.SIGKILL
     restarted = _run(KILLED, tmp_path, 0)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert _same(_state(tmp_path / "model.ckpt-14"), _state(sharded_run / "model.ckpt-14"))
+    assert same_values(_state(tmp_path / "model.ckpt-14"), _state(sharded_run / "model.ckpt-14"))
 
 
 EVALUATE = r"""

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from helpers import same_values
 
 # A training job in a fresh interpreter. argv: model_dir, layout ("xla" or "gloo2"), and when
 # to send SIGTERM: "never", or the step (counted in replica 1's model_fn calls for gloo2, in the
@@ -59,15 +60,6 @@ def _final_state(model_dir) -> dict:
     return torch.load(os.path.join(model_dir, "model.ckpt-17.pt"), weights_only=True)
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, torch.as_tensor(b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
 
 # xla: SIGTERM in step 8 -> the step finishes, the checkpoint of step 8 is written.
 # gloo2: replicas agree at the window end: windows of 3 end at 9 -> checkpoint of step 9.
@@ -93,7 +85,7 @@ def test_sigterm_writes_a_checkpoint_and_the_restart_continues_bit_for_bit(tmp_p
     resumed, expected = _final_state(tmp_path / "terminated"), _final_state(
         tmp_path / "uninterrupted")
     for key in ("global_step", "model", "optimizers", "schedulers", "input"):
-        assert _same(resumed[key], expected[key]), key
+        assert same_values(resumed[key], expected[key]), key
 
 
 HANG = r"""

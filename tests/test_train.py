@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torch_tpu_estimator import (
     CheckpointSaverListener,
     Hook,
+    LossHistory,
     ModeKeys,
     NanLossDuringTrainingError,
     StopAtStepHook,
@@ -101,6 +102,18 @@ def test_last_window_is_shortened_to_land_on_the_target(tmp_path):
     estimator.train(lambda params: make_data(64), steps=10, hooks=[recorder])
     assert [(first, last) for first, last, _ in recorder.windows] == [(0, 4), (4, 8), (8, 10)]
     assert (recorder.begun, recorder.ended) == (0, 10)
+
+
+def test_loss_history_keeps_every_step_whatever_the_windows(tmp_path):
+    in_windows, step_by_step = LossHistory(), LossHistory()
+    make_estimator(tmp_path / "windows", iterations_per_loop=4).train(
+        lambda params: make_data(64), steps=10, hooks=[in_windows])
+    make_estimator(tmp_path / "steps", iterations_per_loop=1).train(
+        lambda params: make_data(64), steps=10, hooks=[step_by_step])
+    assert in_windows.steps == step_by_step.steps == list(range(1, 11))
+    assert in_windows.losses == step_by_step.losses  # the same graph, each step's own loss
+    assert (in_windows.first, in_windows.last) == (step_by_step.losses[0], step_by_step.losses[9])
+    assert in_windows.last < in_windows.first
 
 
 def test_time_budget_windows_still_land_on_the_target(tmp_path):

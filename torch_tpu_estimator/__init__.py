@@ -22,6 +22,7 @@ _EXPORTS = {
     "InputPipelineConfig": "config",
     "KeepBestCheckpoint": "schedule",
     "LoggingHook": "hooks",
+    "LossHistory": "hooks",
     "ModeKeys": "spec",
     "ModelDirInUseError": "locking",
     "NanLossDuringTrainingError": "hooks",

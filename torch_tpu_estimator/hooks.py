@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .spec import ModeKeys
+
 logger = logging.getLogger("torch_tpu_estimator")
 
 
@@ -122,6 +124,28 @@ class NanLossGuard(Hook):
                 f"model_fn's loss is {window.losses[bad[0]]} at global step {step}; "
                 "stopped before writing a checkpoint for it"
             )
+
+
+class LossHistory(Hook):
+    """Keeps every training step's loss (the replica mean) as windows bring them back, for a
+    notebook or a script to plot or check; `first` and `last` are None until a window ends."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+
+    def after_window(self, context: RunContext, window: Window) -> None:
+        if context.mode == ModeKeys.TRAIN:
+            self.steps.extend(range(window.first_step + 1, window.last_step + 1))
+            self.losses.extend(float(loss) for loss in window.losses)
+
+    @property
+    def first(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def last(self) -> float | None:
+        return self.losses[-1] if self.losses else None
 
 
 class LoggingHook(Hook):
