@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Net, make_data, make_estimator, model_fn, run_fresh
+from helpers import (
+    Net,
+    adam_with_schedule,
+    make_data,
+    make_estimator,
+    model_fn,
+    run_fresh,
+    same_values,
+)
 from torch.utils.data import TensorDataset
 
 from torch_tpu_estimator import (
@@ -20,6 +28,9 @@ from torch_tpu_estimator import (
     TPUEstimatorSpec,
     UpdateConfig,
 )
+from torch_tpu_estimator.checkpoint import latest_checkpoint
+from torch_tpu_estimator.flat_update import FlatAdam
+from torch_tpu_estimator.run_state import Checkpoint
 
 CLIP = 0.05
 
@@ -69,16 +80,10 @@ ACCUMULATED = r"""
 import json, sys, torch
 import torch_xla.debug.metrics as met
 from helpers import adam_with_schedule, make_data, make_estimator
-from torch_tpu_estimator import Hook, UpdateConfig
-
-class Losses(Hook):
-    def __init__(self):
-        self.losses = []
-    def after_window(self, context, window):
-        self.losses.extend(float(loss) for loss in window.losses)
+from torch_tpu_estimator import LossHistory, UpdateConfig
 
 steps, model_dir = int(sys.argv[1]), sys.argv[2]
-losses = Losses()
+losses = LossHistory()
 estimator = make_estimator(model_dir, optimizer_fn=adam_with_schedule, train_batch_size=16,
                            update_config=UpdateConfig(accumulation_steps=steps))
 estimator.train(lambda params: make_data(96), steps=12, hooks=[losses])
@@ -134,6 +139,88 @@ def test_the_ema_follows_the_weights_and_serves_inference(tmp_path):
         net = Net()
         net.load_state_dict(weights)
         torch.testing.assert_close(predicted, net(features).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_ema_starts_at_warm_started_or_restored_weights(tmp_path):
+    make_estimator(tmp_path / "pretrained").train(lambda params: make_data(64), steps=5)
+    pretrained = Checkpoint.load(latest_checkpoint(str(tmp_path / "pretrained"))).model_weights
+    frozen = {"lr": 0.0}  # the weights stay where they start: so must their average
+    warm = make_estimator(tmp_path / "warm", params=frozen,
+                          warm_start_from=str(tmp_path / "pretrained"),
+                          update_config=UpdateConfig(ema_decay=0.9))
+    warm.train(lambda params: make_data(64), steps=2)
+    ema = Checkpoint.load(latest_checkpoint(str(tmp_path / "warm"))).ema_weights
+    assert all(torch.equal(ema[name], value) for name, value in pretrained.items())
+
+    # a run that adds an EMA on resume averages from the restored weights (the optimizer's
+    # restored learning rate moves them: one step, then ema = lerp(restored, new, 1 - decay))
+    added = make_estimator(tmp_path / "pretrained", update_config=UpdateConfig(ema_decay=0.9))
+    added.train(lambda params: make_data(64), steps=1)
+    resumed = Checkpoint.load(latest_checkpoint(str(tmp_path / "pretrained")))
+    for name, value in pretrained.items():
+        expected = torch.lerp(value, resumed.model_weights[name], 0.1)
+        torch.testing.assert_close(resumed.ema_weights[name], expected, rtol=0, atol=1e-7)
+
+
+def _adamw(model, params):
+    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+
+class LateLayer(torch.nn.Module):
+    """A layer that joins from the second step on: Adam's state starts a step behind for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.late, self.calls = torch.nn.Linear(8, 2), torch.nn.Linear(8, 2), 0
+
+    def forward(self, features):
+        self.calls += 1
+        logits = self.first(features)
+        return logits + self.late(features) if self.calls > 1 else logits
+
+
+def _flat_and_torch_states(tmp_path, monkeypatch, optimizer_fn, model_init_fn=None):
+    """The checkpointed weights and update state after 7 steps with the flat optimizer and with
+    torch's own, and how many steps took the flat path."""
+    flat_calls = []
+    original = FlatAdam._step
+    monkeypatch.setattr(FlatAdam, "_step", lambda self, *args: (flat_calls.append(1),
+                                                               original(self, *args)))
+    states = {}
+    for flat in (True, False):
+        estimator = make_estimator(tmp_path / str(flat), optimizer_fn=optimizer_fn,
+                                   model_init_fn=model_init_fn, iterations_per_loop=3,
+                                   update_config=UpdateConfig(flat_optimizer=flat))
+        estimator.train(lambda params: make_data(64), steps=7)
+        saved = Checkpoint.load(estimator.latest_checkpoint())
+        states[flat] = {"model": saved.model_weights, **saved.update_state()}
+    return states[True], states[False], len(flat_calls)
+
+
+@pytest.mark.parametrize("model_init_fn, flat_steps", [
+    (None, 7), (lambda params: LateLayer(), 0)], ids=["adam", "late_layer"])
+def test_the_flat_adam_updates_bit_for_bit_like_torch(tmp_path, monkeypatch, recwarn,
+                                                     model_init_fn, flat_steps):
+    flat, torch_own, steps = _flat_and_torch_states(tmp_path, monkeypatch, adam_with_schedule,
+                                                    model_init_fn)
+    assert steps == flat_steps  # a layer that sat a step out: torch's update from then on
+    assert same_values(flat, torch_own)
+    assert not [warning for warning in recwarn if "lr_scheduler" in str(warning.message)]
+
+
+def test_the_flat_adamw_with_weight_decay_is_within_a_rounding_of_torch(tmp_path, monkeypatch):
+    """XLA fuses the decoupled decay into the update differently over one buffer than over
+    each parameter: a float32 rounding apart per step (README, Speed)."""
+    flat, torch_own, steps = _flat_and_torch_states(tmp_path, monkeypatch, _adamw)
+    assert steps == 7
+    moments = [(flat["optimizers"]["default"]["state"][index][slot],
+                torch_own["optimizers"]["default"]["state"][index][slot])
+               for index in torch_own["optimizers"]["default"]["state"]
+               for slot in ("exp_avg", "exp_avg_sq")]
+    # coupled decay, or none, would be lr * weight_decay * weight ~ 3e-4 a step apart
+    for a, b in [*((flat["model"][name], value) for name, value in torch_own["model"].items()),
+                 *moments]:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_use_tpu_in_params_names_the_runtime_evaluate_runs_on(tmp_path):
@@ -233,6 +320,28 @@ def test_a_gan_resumes_bit_for_bit_with_both_optimizers_schedulers_and_the_ema(t
                 assert torch.equal(split["optimizers"][optimizer]["state"][index][slot], value)
     assert split["schedulers"] == whole["schedulers"]
     assert whole["schedulers"]["generator"]["last_epoch"] == 20
+
+
+def test_a_model_fn_may_update_with_backward_and_apply(tmp_path):
+    def by_hand(model, features, labels, mode, params, update):
+        logits = model(features)
+        if mode == ModeKeys.PREDICT:
+            return TPUEstimatorSpec(mode, predictions={"logits": logits})
+        loss = F.cross_entropy(logits, labels)
+        if mode == ModeKeys.TRAIN:
+            update.backward(loss)
+            update.apply()
+            loss = loss.detach()
+        return TPUEstimatorSpec(mode, loss=loss)
+
+    states = {}
+    for name, fn in (("by_hand", by_hand), ("built_in", model_fn)):
+        estimator = make_estimator(tmp_path / name, fn=fn, optimizer_fn=adam_with_schedule,
+                                   update_config=UpdateConfig(clip_global_norm=0.5))
+        estimator.train(lambda params: make_data(64), steps=6)
+        saved = Checkpoint.load(estimator.latest_checkpoint())
+        states[name] = {"model": saved.model_weights, **saved.update_state()}
+    assert same_values(states["by_hand"], states["built_in"])
 
 
 def test_several_optimizers_without_a_manual_update_is_a_clear_error(tmp_path):

@@ -6,10 +6,12 @@ parameter, each through torch's Python shape checks, was 75% of a small model's 
 group's parameters become views into one flat buffer and its two moments are flat too: a step
 concatenates the gradients once and runs torch's own formula (`_single_tensor_adam`, the
 non-capturable path: the same ops in the same order, with the same Python-float bias
-corrections) on the three buffers, so the numbers are bit for bit torch.optim.Adam's. The
-optimizer keeps torch's state layout (each parameter's moments are views of the flat ones, its
-step a CPU tensor), so its state_dict, checkpoints and a resume are unchanged; a state loaded
-from a checkpoint is copied into the flat buffers at the next step.
+corrections) on the three buffers, so the numbers are bit for bit torch.optim.Adam's (with
+decoupled weight decay, XLA fuses the decay into the update differently over one buffer: a
+float32 rounding apart per step). The optimizer keeps torch's state layout (each parameter's
+moments are views of the flat ones, its step a CPU tensor), so its state_dict, checkpoints and
+a resume are unchanged; a state loaded from a checkpoint is copied into the flat buffers at
+the next step.
 """
 
 from __future__ import annotations
@@ -100,14 +102,17 @@ class FlatAdam:
         state = self.optimizer.state
         usable = all(parameter.grad is not None for group in self.groups
                      for parameter in group.parameters)
-        steps = {float(state[parameter]["step"]) for group in self.groups
-                 for parameter in group.parameters if "step" in state[parameter]}
-        if not usable or len(steps) > 1:  # some parameter sits this step out: torch's own
-            self.optimizer.step()  # update works on the same views, in place
+        steps = {float(state[parameter].get("step", 0)) for group in self.groups
+                 for parameter in group.parameters}
+        if not usable or len(steps) > 1:  # some parameter sits (or sat) a step out: torch's
+            self.optimizer.step()  # own update works on the same views, in place
             return
         for group, options in zip(self.groups, self.optimizer.param_groups, strict=True):
             self._moments(group)
             self._step(group, options)
+        # what torch's LR scheduler wrapper of optimizer.step records, so that the scheduler's
+        # first step does not warn that the optimizer never stepped
+        self.optimizer._opt_called = True
 
     def _step(self, group: _Group, options: dict) -> None:
         state = self.optimizer.state

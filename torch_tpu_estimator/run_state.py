@@ -109,7 +109,9 @@ class Checkpoint:
         """What UpdateStep.load_state_dict takes (a sharded checkpoint's tensors read whole)."""
         optimizers = self._state["optimizers"]
         if self.sharded:
-            optimizers = _filled(optimizers, self._tensors("optimizers/"))
+            slots = self._tensors("optimizers/")
+            optimizers = _filled(optimizers, {f"optimizers/{key}": value
+                                              for key, value in slots.items()})
         return {"optimizers": optimizers, "schedulers": self._state["schedulers"],
                 "ema": self.ema_weights}
 
@@ -123,14 +125,14 @@ class Checkpoint:
         for name, optimizer in update.optimizers.items():
             prime_optimizer(optimizer)
             targets.update(_slots(name, optimizer.state_dict()))
-        if update.ema is not None and _is_sharded(self._state.get("ema")):
+        ema_in_place = update.ema is not None and _is_sharded(self._state.get("ema"))
+        if ema_in_place:
             targets.update({f"ema/{key}": value for key, value in update.ema.shadow.items()})
         sharded_checkpoint.read_into(self.path, targets)
         update.load_state_dict({
-            "optimizers": _filled(self._state["optimizers"], {
-                key.removeprefix("optimizers/"): value for key, value in targets.items()
-                if key.startswith("optimizers/")}),
-            "schedulers": self._state["schedulers"], "ema": None})
+            "optimizers": _filled(self._state["optimizers"], targets),
+            "schedulers": self._state["schedulers"],
+            "ema": update.ema.state_dict() if ema_in_place else None})
 
     @property
     def input_positions(self) -> dict[str, dict[str, int]]:
@@ -143,20 +145,25 @@ class Checkpoint:
         return states[process_index] if process_index < len(states) else states[0]
 
 
+def _slot_key(name: str, index: Any, slot: str) -> str:
+    """Where a sharded checkpoint holds slot `slot` of parameter `index` of optimizer `name`."""
+    return f"optimizers/{name}/{index}/{slot}"
+
+
 def _slots(name: str, optimizer_state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """An optimizer's tensors of one or more dimensions (sharded like their parameters), named
     as a sharded checkpoint holds them."""
-    return {f"optimizers/{name}/{index}/{slot}": value
+    return {_slot_key(name, index, slot): value
             for index, slots in optimizer_state["state"].items()
             for slot, value in slots.items()
             if isinstance(value, torch.Tensor) and value.dim() > 0}
 
 
 def _filled(optimizers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Optimizer states from state.pt with each SHARDED slot replaced by its tensor, found as
-    "<name>/<param index>/<slot>" in `tensors`."""
+    """Optimizer states from state.pt with each SHARDED slot replaced by its tensor in `tensors`
+    (keyed as _slot_key names them)."""
     return {name: {**state, "state": {
-        index: {slot: tensors[f"{name}/{index}/{slot}"] if _is_sharded(value) else value
+        index: {slot: tensors[_slot_key(name, index, slot)] if _is_sharded(value) else value
                 for slot, value in slots.items()}
         for index, slots in state["state"].items()}}
         for name, state in optimizers.items()}
@@ -358,7 +365,7 @@ class RunState:
             tensors.update({f"ema/{key}": value for key, value in update["ema"].items()})
         rest.update(model=SHARDED, ema=SHARDED if update["ema"] is not None else None,
                     optimizers=replica.to_host({name: {**state, "state": {
-                        index: {slot: SHARDED if f"optimizers/{name}/{index}/{slot}" in tensors
+                        index: {slot: SHARDED if _slot_key(name, index, slot) in tensors
                                 else value for slot, value in slots.items()}
                         for index, slots in state["state"].items()}}
                         for name, state in update["optimizers"].items()}))

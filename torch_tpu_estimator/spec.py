@@ -49,7 +49,8 @@ class TPUEstimatorSpec:
 class EstimatorSpec:
     """model_fn's answer for plain PyTorch execution, e.g. EVAL with `eval_on_tpu=False`.
 
-    The fields mean what they mean in TPUEstimatorSpec; there is no host_call.
+    The fields mean what they mean in TPUEstimatorSpec; TF's EstimatorSpec has no host_call,
+    so it is always None here (the loops read it from either spec).
     """
 
     mode: str
@@ -60,6 +61,7 @@ class EstimatorSpec:
     training_hooks: Sequence[Any] = ()
     evaluation_hooks: Sequence[Any] = ()
     prediction_hooks: Sequence[Any] = ()
+    host_call: None = dataclasses.field(default=None, init=False)
 
 
 def _check_fn_and_tensors(name: str, value: Any) -> None:
@@ -105,7 +107,7 @@ def validate_spec(spec: Any, mode: str, manual_update: bool = False
         raise ValueError("model_fn must return a spec with `predictions` in mode 'infer'")
     if spec.eval_metrics is not None:
         _check_fn_and_tensors("eval_metrics", spec.eval_metrics)
-    if getattr(spec, "host_call", None) is not None:
+    if spec.host_call is not None:
         _check_fn_and_tensors("host_call", spec.host_call)
     return spec
 

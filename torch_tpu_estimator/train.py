@@ -9,7 +9,6 @@ summaries and checkpoint decisions happen there and only there.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -41,17 +40,10 @@ from .windows import WindowedBatches, steps_to_next_stop
 logger = logging.getLogger("torch_tpu_estimator")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainOutcome:
-    """How a replica's training ended: its global step, and whether SIGTERM ended it."""
-
-    global_step: int
-    preempted: bool = False
-
-
 def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence[Hook],
-                  steps: int | None, max_steps: int | None) -> TrainOutcome:
-    """Trains on this replica until the target step, a hook's stop, the input's end or SIGTERM.
+                  steps: int | None, max_steps: int | None) -> bool:
+    """Trains on this replica until the target step, a hook's stop, the input's end or SIGTERM;
+    returns whether SIGTERM ended it.
 
     The chief holds model_dir's lock throughout: a second trainer is refused, and a model_dir
     it cannot write is found before the first step.
@@ -71,7 +63,7 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
         if target is not None and state.global_step >= target:
             logger.info("Skipping training: global step %d is already at max_steps %d",
                         state.global_step, target)
-            return TrainOutcome(state.global_step)
+            return False
         windows = WindowedBatches(replica.device_batches(streams.host_batches()), ctx, interrupt)
         program = TrainProgram(ctx, state, target, hooks)
         program.context.total_steps = None if target is None else target - state.global_step
@@ -81,7 +73,7 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
             logger.info("Input ended at global step %d%s", state.global_step, (
                 ": one pass over the data, as train() was given no steps or max_steps and "
                 "DatasetConfig no num_epochs" if one_pass else ""))
-        return TrainOutcome(state.global_step, preempted)
+        return preempted
 
 
 def _restore_or_warm_start(ctx: ModeContext, state: RunState) -> None:
@@ -92,6 +84,8 @@ def _restore_or_warm_start(ctx: ModeContext, state: RunState) -> None:
         logger.info("Restored %s (global step %d)", latest, state.global_step)
     elif ctx.job.warm_start_from is not None:
         warm_start(state.model, ctx.job.warm_start_from)
+        if state.update is not None and state.update.ema is not None:
+            state.update.ema.reset()  # the average starts at the warm-started weights
 
 
 class TrainProgram(ModeProgram):
@@ -117,7 +111,8 @@ class TrainProgram(ModeProgram):
         self.host_call_every = config.tpu_config.experimental_host_call_every_n_steps
 
     def steps_left(self) -> float:
-        return steps_to_next_stop(self.state.global_step, self.target, self.hooks)
+        return steps_to_next_stop(self.state.global_step, self.target,
+                                  [*self.hooks, *(self.spec_hooks or ())])
 
     def step(self, batch: HostBatch) -> tuple[torch.Tensor, Any]:
         update = self.state.update
@@ -145,8 +140,6 @@ class TrainProgram(ModeProgram):
             self._run_host_call(host_call_tensors, first_step)
         window = Window(first_step=first_step, last_step=self.state.global_step,
                         losses=replica.host_mean(torch.stack(losses).double().numpy()),
-                        learning_rates=[next(iter(rates.values())) for rates in
-                                        self.learning_rates],
                         group_learning_rates=self.learning_rates, seconds=seconds,
                         examples=len(outputs) * self.ctx.global_batch_size)
         self.learning_rates = []

@@ -42,6 +42,12 @@ class ExponentialMovingAverage:
         self.module, self.decay = module, decay
         self.shadow = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
+    def reset(self) -> None:
+        """Starts the average at the module's current weights (restored or warm-started)."""
+        with torch.no_grad():
+            for name, tensor in self.module.state_dict().items():
+                self.shadow[name].copy_(tensor)
+
     def update(self) -> None:
         current = self.module.state_dict()
         floating = [name for name, tensor in self.shadow.items() if tensor.is_floating_point()]
@@ -61,7 +67,8 @@ class ExponentialMovingAverage:
                              f"{sorted(self.shadow)}")
         with torch.no_grad():
             for name, tensor in self.shadow.items():
-                tensor.copy_(state[name])
+                if state[name] is not tensor:  # a sharded EMA is read into the shadow in place
+                    tensor.copy_(state[name])
 
 
 def split_optimizer_fn_result(made: Any) -> tuple[dict[str, torch.optim.Optimizer],
@@ -106,7 +113,7 @@ class UpdateStep:
     def __init__(self, replica: Replica, model: torch.nn.Module,
                  optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
                  config: UpdateConfig):
-        self.replica, self.model, self.config = replica, model, config
+        self.replica, self.config = replica, config
         self.optimizers, self.schedulers = optimizers, schedulers
         # the optimizer steps: torch's, or the same Adam over flat buffers (flat_update.py)
         self._steppers = {name: FlatAdam(optimizer).step
@@ -129,7 +136,9 @@ class UpdateStep:
         return name
 
     def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward(): gradients of this replica's batch (not yet averaged)."""
+        """loss.backward(): gradients of this replica's batch (not yet averaged). Called from
+        model_fn, it puts model_fn in charge of this step's update (no built-in one after)."""
+        self.took_charge = True
         self.replica.heartbeat(Progress.UPDATE, self.global_step)
         try:
             loss.backward()
@@ -157,6 +166,7 @@ class UpdateStep:
     def apply(self, optimizer: str | None = None) -> torch.Tensor | None:
         """The built-in update from gradients already computed: reduce, clip (UpdateConfig
         .clip_global_norm), optimizer step, scheduler step. Returns the norm before clipping."""
+        self.took_charge = True
         name = self._named(optimizer)
         self.replica.heartbeat(Progress.UPDATE, self.global_step)
         self.reduce_gradients(name)
@@ -171,7 +181,6 @@ class UpdateStep:
     def step(self, loss: torch.Tensor, optimizer: str | None = None) -> torch.Tensor | None:
         """The whole update of one optimizer from `loss`, run inside model_fn: zero its
         gradients, backward, then apply(). Returns the norm before clipping."""
-        self.took_charge = True
         name = self._named(optimizer)
         self.optimizers[name].zero_grad(set_to_none=True)
         self.backward(loss)
@@ -238,8 +247,9 @@ class UpdateStep:
                 "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores what state_dict gave; an optimizer or EMA the checkpoint lacks starts
-        afresh (a run that adds one), a name it holds that this run lacks is an error."""
+        """Restores what state_dict gave; an optimizer the checkpoint lacks starts afresh and an
+        EMA it lacks starts at the restored weights (a run that adds one); a name it holds that
+        this run lacks is an error. Call it after the module's weights are restored."""
         unknown = set(state["optimizers"]) - set(self.optimizers)
         if unknown:
             raise ValueError(f"the checkpoint holds optimizers {sorted(unknown)} that "
@@ -249,5 +259,8 @@ class UpdateStep:
             scheduler_state = state["schedulers"].get(name)
             if self.schedulers[name] is not None and scheduler_state is not None:
                 self.schedulers[name].load_state_dict(scheduler_state)
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema.reset()
