@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from torch_tpu_estimator import (
     DatasetConfig,
-    Hook,
+    LossHistory,
     ModeKeys,
     RunConfig,
     TPUConfig,
@@ -31,14 +31,6 @@ from torch_tpu_estimator import (
 
 GLOBAL_BATCH = 8
 TRAIN_SIZE, EVAL_SIZE, PREDICT_SIZE = 60, 21, 11  # 7.5 global batches a training pass
-
-
-class LossRecorder(Hook):
-    def __init__(self):
-        self.losses = []
-
-    def after_window(self, context, window):
-        self.losses.extend(float(loss) for loss in window.losses)
 
 
 class InfoCounter(logging.Handler):
@@ -119,7 +111,7 @@ def run(config: dict) -> dict:
                          dataset_config=DatasetConfig(shuffle=config.get("shuffle", True))),
         train_batch_size=GLOBAL_BATCH, eval_batch_size=GLOBAL_BATCH,
         predict_batch_size=GLOBAL_BATCH)
-    recorder = LossRecorder()
+    recorder = LossHistory()
     estimator.train(train_input_fn, steps=10, hooks=[recorder])
     evaluation = estimator.evaluate(lambda params: make_data(EVAL_SIZE, seed=2))
     predict_data = make_data(PREDICT_SIZE, seed=3)

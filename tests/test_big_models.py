@@ -23,7 +23,7 @@ import torch, torch.nn.functional as F
 import torch_xla
 import torch_xla.distributed.spmd as xs
 from helpers import make_estimator
-from torch_tpu_estimator import DatasetConfig, Hook, ModeKeys, TPUEstimatorSpec, xla_compat
+from torch_tpu_estimator import DatasetConfig, LossHistory, ModeKeys, TPUEstimatorSpec, xla_compat
 from torch_tpu_estimator.run_state import Checkpoint
 
 class Classifier(torch.nn.Module):
@@ -53,11 +53,6 @@ def model_fn(features, labels, mode, model):
         return TPUEstimatorSpec(mode, predictions=logits)
     return TPUEstimatorSpec(mode, loss=F.cross_entropy(logits, labels))
 
-class Losses(Hook):
-    losses = []
-    def after_window(self, context, window):
-        self.losses.extend(float(loss) for loss in window.losses)
-
 layout, model_dir = sys.argv[1], sys.argv[2]
 tpu = {"one": {}, "fsdp4": {"param_sharding": "fsdp"},
        "fsdp2x2": {"param_sharding": "fsdp", "num_cores_per_replica": 2},
@@ -69,10 +64,11 @@ estimator = make_estimator(model_dir, fn=model_fn, model_init_fn=model_init_fn,
                            strategy="spmd" if tpu else "mp", tpu_config_extra=tpu,
                            iterations_per_loop=3, save_checkpoints_steps=None,
                            dataset_config=DatasetConfig(shuffle=False))
-estimator.train(lambda params: data, steps=6, hooks=[Losses()])
+history = LossHistory()
+estimator.train(lambda params: data, steps=6, hooks=[history])
 module = built[0]
 print(json.dumps({
-    "losses": Losses.losses,
+    "losses": history.losses,
     "weights": {name: value.tolist() for name, value in
                 Checkpoint.load(estimator.latest_checkpoint()).model_weights.items()},
     "shards": {name: xla_compat.local_shard_shapes(parameter)

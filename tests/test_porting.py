@@ -16,10 +16,12 @@ from torch.utils.data import TensorDataset
 
 from torch_tpu_estimator import (
     DatasetConfig,
+    EstimatorSpec,
     Hook,
     InputPipelineConfig,
     ModeKeys,
     RunConfig,
+    StopAtStepHook,
     TPUConfig,
     TPUEstimator,
     TPUEstimatorSpec,
@@ -120,6 +122,29 @@ def test_the_specs_hooks_run_in_every_mode(tmp_path):
     assert recorders[ModeKeys.PREDICT].calls[0] == ("begin", "infer")
     assert recorders[ModeKeys.PREDICT].calls[-1] == ("end", "infer")
     assert len(recorders[ModeKeys.PREDICT].calls) == 4  # 3 batches of 8 in windows of 2
+
+
+def test_a_stop_hook_among_the_specs_training_hooks_ends_on_its_step(tmp_path):
+    def model_fn(features, labels, mode, model):
+        spec = _spec(mode, model(features), labels)
+        spec.training_hooks = [StopAtStepHook(last_step=6)]
+        return spec
+
+    estimator = make_estimator(tmp_path, fn=model_fn, iterations_per_loop=4)
+    estimator.train(lambda params: make_data(64), steps=20)
+    assert estimator.get_variable_value("global_step") == 6
+
+
+def test_an_estimator_spec_trains_on_plain_pytorch(tmp_path):
+    def model_fn(features, labels, mode, model):
+        logits = model(features)
+        if mode == ModeKeys.PREDICT:
+            return EstimatorSpec(mode, predictions={"logits": logits})
+        return EstimatorSpec(mode, loss=F.cross_entropy(logits, labels))
+
+    estimator = make_estimator(tmp_path, fn=model_fn, use_tpu=False)
+    estimator.train(lambda params: make_data(64), steps=3)
+    assert estimator.get_variable_value("global_step") == 3
 
 
 def test_a_spec_hook_that_is_not_a_hook_is_named(tmp_path):

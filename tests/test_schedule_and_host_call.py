@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from helpers import make_data, make_estimator, model_fn, read_scalars
 
 from torch_tpu_estimator import (
+    DatasetConfig,
     EarlyStopping,
     Hook,
     KeepBestCheckpoint,
     ModeKeys,
+    RunContext,
     TPUEstimatorSpec,
     train_and_evaluate,
 )
@@ -49,6 +51,28 @@ def test_train_and_evaluate_runs_to_max_steps(tmp_path):
                                  lambda params: make_data(20), max_steps=10, steps_between_evals=4)
     assert [int(results["global_step"]) for results in history] == [4, 8, 10]
     assert history[-1]["loss"] < history[0]["loss"] * 1.5
+
+
+def test_train_and_evaluate_stops_when_the_input_ends_before_max_steps(tmp_path):
+    estimator = make_estimator(tmp_path, dataset_config=DatasetConfig(num_epochs=1))
+    history = train_and_evaluate(estimator, lambda params: make_data(64),  # 8 steps of 8 rows
+                                 lambda params: make_data(20), max_steps=100, steps_between_evals=5)
+    assert [int(results["global_step"]) for results in history] == [5, 8]
+
+
+def test_the_best_sharded_checkpoint_is_kept_as_a_whole_directory(tmp_path):
+    sharded = tmp_path / "run" / "model.ckpt-8"
+    sharded.mkdir(parents=True)
+    files = {"__0_0.distcp": b"\x01\x02" * 100, "tensors.json": b"{}", "state.pt": b"state"}
+    for name, content in files.items():
+        (sharded / name).write_bytes(content)
+    context = RunContext(ModeKeys.EVAL, 8, True, str(tmp_path / "run"))
+    KeepBestCheckpoint(str(tmp_path / "best")).after_evaluation(
+        context, {"loss": 0.5, "global_step": 8}, str(sharded))
+    kept = tmp_path / "best" / "model.ckpt-8"
+    assert {path.name: path.read_bytes() for path in kept.iterdir()} == files
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["checkpoint"] == "model.ckpt-8"
+    assert [path.name for path in (tmp_path / "best").iterdir() if path.name.startswith(".")] == []
 
 
 def test_host_call_runs_each_step_with_gathered_tensors_at_window_ends(tmp_path):

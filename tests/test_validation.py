@@ -29,6 +29,8 @@ def test_iterations_per_loop_accepts_steps_or_a_duration(value, expected):
     ({"iterations_per_loop": "soon"}, "iterations_per_loop must be .* duration such as '30s'"),
     ({"iterations_per_loop": True}, "iterations_per_loop"),
     ({"num_shards": 0}, "num_shards must be a positive int or None, got 0"),
+    ({"experimental_host_call_every_n_steps": None},
+     "experimental_host_call_every_n_steps must be a positive int, got None"),
     ({"strategy": "ring"}, "strategy must be one of .*'ring'"),
     ({"per_host_input_for_training": "yes"}, "per_host_input_for_training must be a bool or one "
                                              "of TF's InputPipelineConfig modes"),

@@ -25,9 +25,6 @@ class Binding:
     names: tuple[str, ...]
     positional_params: bool = False
 
-    def takes(self, name: str) -> bool:
-        return name in self.names
-
     def __call__(self, **values: Any) -> Any:
         if self.positional_params:
             return self.fn(values["params"])

@@ -237,7 +237,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _atomic_directory(path: str, write: Callable[[str], None]) -> str:
+def atomic_directory(path: str, write: Callable[[str], None]) -> str:
     """Calls write(directory) on a temporary directory beside `path`, flushes its files, then
     renames it to `path`; returns its SHA-256 (its files are read back once to hash them)."""
     parent = os.path.dirname(path) or "."
@@ -393,7 +393,7 @@ def save_checkpoint(model_dir: str, global_step: int, state: dict | Callable[[st
     _set_aside(model_dir, index, name)
     path = os.path.join(model_dir, name)
     if sharded:
-        digest = _atomic_directory(path, state)
+        digest = atomic_directory(path, state)
     else:
         digest = atomic_write(path, lambda handle: torch.save(state, handle))
     _VERIFIED.add(_identity(path, digest))  # hashed as written: no read back

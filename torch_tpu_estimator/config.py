@@ -10,6 +10,7 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 from .spec import ModeKeys
 
@@ -26,11 +27,13 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _positive_int_or_none(name: str, value: int | None) -> None:
-    _require(
-        value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-        f"{name} must be a positive int or None, got {value!r}",
-    )
+def require_positive_int(name: str, value: Any, optional: bool = True) -> None:
+    """ValueError naming `name` unless `value` is an int > 0 (bools are not), or None when
+    `optional`."""
+    if optional and value is None:
+        return
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def parse_iterations_per_loop(value: int | str) -> tuple[int | None, float | None]:
@@ -91,7 +94,7 @@ class DatasetConfig:
             isinstance(self.num_workers, int) and self.num_workers >= 0,
             f"num_workers must be an int >= 0, got {self.num_workers!r}",
         )
-        _positive_int_or_none("num_epochs", self.num_epochs)
+        require_positive_int("num_epochs", self.num_epochs)
 
 
 def _ignored_tf_arguments(owner: str, arguments: dict[str, object]) -> None:
@@ -125,7 +128,8 @@ class TPUConfig:
       replicas) is refused: use PER_HOST_V1 or PER_SHARD_V1. Eval and predict always read
       per-host input.
     experimental_host_call_every_n_steps: the TRAIN spec's host_call runs for every n-th step
-      only (its tensors are kept and read back for those steps alone).
+      only (its tensors are kept and read back for those steps alone). With n > 1 the steps
+      that keep them trace a graph of their own: one more compiled graph in training.
     param_sharding: SPMD only; how parameters lie over the mesh. "replicated": every device
       holds the whole model (data parallel). "fsdp": fully sharded data parallel (torch_xla's
       FSDPv2): each parameter is split over the "fsdp" axis, gathered for the step.
@@ -171,14 +175,14 @@ class TPUConfig:
             "tpu_job_name": tpu_job_name, "initial_infeed_sleep_secs": initial_infeed_sleep_secs,
             "eval_training_input_configuration": eval_training_input_configuration})
         parse_iterations_per_loop(self.iterations_per_loop)
-        _positive_int_or_none("experimental_host_call_every_n_steps",
-                              self.experimental_host_call_every_n_steps)
+        require_positive_int("experimental_host_call_every_n_steps",
+                             self.experimental_host_call_every_n_steps, optional=False)
         _require(isinstance(self.replica_timeout_secs, (int, float))
                  and not isinstance(self.replica_timeout_secs, bool)
                  and self.replica_timeout_secs > 0,
                  f"replica_timeout_secs must be a positive number of seconds, got "
                  f"{self.replica_timeout_secs!r}")
-        _positive_int_or_none("num_shards", self.num_shards)
+        require_positive_int("num_shards", self.num_shards)
         mode = self.per_host_input_for_training
         _require(isinstance(mode, bool) or mode in _INPUT_MODES or mode in _INPUT_MODES.values(),
                  f"per_host_input_for_training must be a bool or one of TF's "
@@ -191,7 +195,7 @@ class TPUConfig:
                  f"param_sharding must be one of {PARAM_SHARDINGS}, got {self.param_sharding!r}")
         _require(self.precision in PRECISIONS,
                  f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        _positive_int_or_none("num_cores_per_replica", self.num_cores_per_replica)
+        require_positive_int("num_cores_per_replica", self.num_cores_per_replica)
         spmd_only = self.param_sharding != "replicated" or (self.num_cores_per_replica or 1) > 1
         _require(not spmd_only or self.strategy == "spmd",
                  "param_sharding and num_cores_per_replica lay parameters over an SPMD mesh: "
@@ -205,7 +209,7 @@ class TPUConfig:
         for mode, limit in (limits or {}).items():
             _require(mode in ModeKeys.ALL,
                      f"max_graphs_per_mode has the key {mode!r}; modes are {ModeKeys.ALL}")
-            _positive_int_or_none(f"max_graphs_per_mode[{mode!r}]", limit)
+            require_positive_int(f"max_graphs_per_mode[{mode!r}]", limit)
 
     @property
     def input_mode(self) -> int:
@@ -248,9 +252,9 @@ class UpdateConfig:
     ema_for_inference: evaluate, predict and export use the averaged weights when ema_decay
       is set.
     flat_optimizer: on XLA, a torch Adam or AdamW with plain options is stepped over one flat
-      buffer per parameter group (flat_update.py): the same numbers, bit for bit, in a handful
-      of traced ops instead of a chain per parameter (about 2x the steps/s of a small model).
-      False keeps torch's own step.
+      buffer per parameter group (flat_update.py) in a handful of traced ops instead of a chain
+      per parameter (about 2x the steps/s of a small model): Adam bit for bit, AdamW's decayed
+      weights within a float32 rounding per step. False keeps torch's own step.
     """
 
     clip_global_norm: float | None = None
@@ -264,7 +268,7 @@ class UpdateConfig:
         _require(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool)
                                   and clip > 0),
                  f"clip_global_norm must be a positive number or None, got {clip!r}")
-        _positive_int_or_none("accumulation_steps", self.accumulation_steps)
+        require_positive_int("accumulation_steps", self.accumulation_steps)
         _require(self.accumulation_steps is not None,
                  "accumulation_steps must be a positive int, got None")
         decay = self.ema_decay
@@ -343,7 +347,7 @@ class RunConfig:
         )
         for name in ("save_checkpoints_steps", "keep_checkpoint_max", "log_step_count_steps",
                      "save_summary_steps"):
-            _positive_int_or_none(name, getattr(self, name))
+            require_positive_int(name, getattr(self, name))
         for name in ("save_checkpoints_secs", "keep_checkpoint_every_n_hours"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, (int, float))
@@ -368,5 +372,5 @@ class RunConfig:
             f"update_config must be an UpdateConfig, got {type(self.update_config).__name__}",
         )
 
-    def replace(self, **changes) -> RunConfig:
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -3,7 +3,8 @@
 The Job, the Replica handle and the mode together answer every question the loops ask: the
 params model_fn and input_fn see (reserved keys built here and only here), which input_fn calls
 this process makes, the batch each call sees, chief-ness, the step runner and the window
-settings. Export and `eval_on_tpu=False` bind the same way, to a CPU replica.
+settings. Export and `eval_on_tpu=False` bind the same way, to a plain PyTorch replica (CPU, or
+CUDA when present).
 """
 
 from __future__ import annotations

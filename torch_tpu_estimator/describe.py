@@ -30,7 +30,7 @@ def describe_checkpoint(path: str) -> list[str]:
              f"global_step: {saved.global_step}",
              f"optimizers: {', '.join(saved.optimizer_names) or 'none'}; lr schedulers: "
              f"{', '.join(saved.scheduler_names) or 'none'}; EMA of the weights: "
-             f"{'yes' if saved.ema_weights is not None else 'no'}"]
+             f"{'yes' if saved.has_ema else 'no'}"]
     for key, position in sorted(saved.input_positions.items()):
         lines.append(f"input position {key!r}: pass {position['epoch']}, batch {position['batch']}")
     lines.append(f"variables ({len(variables)}, {size} values):")

@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from . import checkpoint, preemption, summary
 from .binding import INPUT_FN_ARGUMENTS, MODEL_FN_ARGUMENTS, bind
 from .config import InputPipelineConfig, RunConfig
 from .context import RESERVED_PARAMS, ModeContext
-from .hooks import Hook
+from .hooks import Hook, require_hooks
 from .inference import evaluate_replica, predict_replica
 from .job import InputFn, Job, ModelInitFn, OptimizerFn
 from .logs import keeping_root_logging
@@ -33,7 +33,6 @@ from .train import train_replica
 from .warm_start import WarmStartSettings
 
 logger = logging.getLogger("torch_tpu_estimator")
-T = TypeVar("T")
 
 _MODE_NAMES = {ModeKeys.TRAIN: "train", ModeKeys.EVAL: "eval", ModeKeys.PREDICT: "predict"}
 
@@ -48,14 +47,6 @@ def _check_callable(name: str, value: Any, required: bool = True) -> None:
 def _check_positive_int(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_instances(name: str, values: Sequence[Any] | None, kind: type) -> list:
-    values = list(values or [])
-    for value in values:
-        if not isinstance(value, kind):
-            raise TypeError(f"{name} must hold {kind.__name__} instances, got {type(value).__name__}")
-    return values
 
 
 def _check_batch_sizes(batch_sizes: Any) -> tuple[int, ...]:
@@ -116,9 +107,11 @@ class TPUEstimator:
     step, update.py); it returns a TPUEstimatorSpec. model_init_fn(params) builds the
     torch.nn.Module once per replica; optimizer_fn(model, params) returns an optimizer,
     (optimizer, lr_scheduler), or a dict of name -> either. Batch sizes are global:
-    `params["batch_size"]` holds the per-replica batch in model_fn and the per-input-pipeline
-    batch in input_fn. `export_to_tpu` is accepted for ported code and has no effect: an export
-    is XLA HLO, which serves on any XLA device, TPU included.
+    `params["batch_size"]` holds the batch model_fn traces (the per-replica batch with one
+    process per replica; the global batch on an SPMD mesh; one micro-batch with gradient
+    accumulation) and the per-input-pipeline batch in input_fn. `export_to_tpu` is accepted
+    for ported code and has no effect: an export is XLA HLO, which serves on any XLA device,
+    TPU included.
     """
 
     def __init__(
@@ -254,12 +247,12 @@ class TPUEstimator:
         self._require_batch_size(ModeKeys.TRAIN)
         if self._job.optimizer_fn is None:
             raise ValueError("optimizer_fn must be given in the constructor to train")
-        hooks = [*_check_instances("hooks", hooks, Hook),
-                 *_check_instances("saving_listeners", saving_listeners, Hook)]
+        hooks = [*require_hooks("hooks", hooks),
+                 *require_hooks("saving_listeners", saving_listeners)]
         job = self._job
-        outcome = self._launcher.run(
+        preempted = self._launcher.run(
             lambda replica: train_replica(job, replica, input_fn, hooks, steps, max_steps), hooks)
-        if outcome.preempted:
+        if preempted:
             raise SystemExit(preemption.EXIT_STATUS)
         return self
 
@@ -279,7 +272,7 @@ class TPUEstimator:
         _check_callable("input_fn", input_fn)
         bind(input_fn, "input_fn", INPUT_FN_ARGUMENTS, params_alone=True)
         self._require_batch_size(mode)
-        return _check_instances("hooks", hooks, Hook)
+        return require_hooks("hooks", hooks)
 
     def evaluate(
         self,
@@ -346,7 +339,7 @@ class TPUEstimator:
         `load_exported` serves it. Under torchrun the chief exports and every rank gets the path.
         TF's `as_text` is accepted and changes nothing: every function is written as text (.mlir)
         beside its bytecode anyway. `weights_dtype` casts the floating weights for serving
-        (float32 or float16; bfloat16 weights become float32 by default, as the exporter cannot
+        (float32, float16 or float64; bfloat16 weights become float32 by default, as the exporter cannot
         store bfloat16); model_fn must accept weights of that dtype.
         """
         if not isinstance(export_dir_base, (str, os.PathLike)):
@@ -410,7 +403,7 @@ class TPUEstimator:
 
     def get_variable_names(self) -> list[str]:
         """Names of the model's tensors in the latest checkpoint, and `global_step`."""
-        return sorted([*self._latest().model_weights, "global_step"])
+        return sorted([*self._latest().tensor_specs(), "global_step"])
 
     def get_variable_value(self, name: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
         """Value of one tensor of the latest checkpoint as a NumPy array (a list of them for a

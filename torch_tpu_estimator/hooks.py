@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,14 +34,20 @@ class Window:
     first_step: int  # global step before the window's first step
     last_step: int  # global step after the window's last step
     losses: np.ndarray  # TRAIN: one loss per step, replica mean; EVAL: one per real example
-    learning_rates: Sequence[float]  # one per step: the first parameter group's, for that step
     seconds: float
     examples: int  # global examples consumed in the window
-    group_learning_rates: Sequence[Mapping[str, float]] = ()  # one per step: every group's
+    # TRAIN: one per step, every parameter group's rate as "<optimizer>/<group index>"
+    group_learning_rates: Sequence[Mapping[str, float]] = ()
+
+    @property
+    def learning_rates(self) -> list[float]:
+        """One per step (TRAIN): the first parameter group's learning rate, as TF reports it."""
+        return [next(iter(rates.values())) for rates in self.group_learning_rates]
 
     @property
     def loss(self) -> float:
-        return float(self.losses[-1])
+        """The window's last loss; NaN when it has none (prediction, or only padding)."""
+        return float(self.losses[-1]) if len(self.losses) else math.nan
 
 
 @dataclasses.dataclass
@@ -171,6 +178,15 @@ class LoggingHook(Hook):
             logger.info("examples/sec: %.4g", self._examples / self._seconds)
         self._last_logged = window.last_step
         self._steps, self._seconds, self._examples = 0, 0.0, 0
+
+
+def require_hooks(name: str, hooks: Sequence[Any] | None) -> list[Hook]:
+    """`hooks` as a list, or a TypeError naming `name` if one of them is not a Hook."""
+    hooks = list(hooks or ())
+    for hook in hooks:
+        if not isinstance(hook, Hook):
+            raise TypeError(f"{name} must hold Hook instances, got {type(hook).__name__}")
+    return hooks
 
 
 def steps_in_window(window: Window, every_n_steps: int) -> list[int]:

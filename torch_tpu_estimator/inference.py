@@ -56,11 +56,15 @@ def _windows(ctx: ModeContext, input_fn: InputFn, program: ModeProgram,
     return windows
 
 
-def _gathered(ctx: ModeContext, outputs: list[Any], batches: list[HostBatch]) -> Any:
-    """One window's per-step device outputs as host tensors of real rows, in input order."""
+def _gathered(ctx: ModeContext, outputs: list[Any],
+              batches: list[HostBatch]) -> tuple[Any, list[int]]:
+    """One window's per-step device outputs as host tensors of real rows, in input order, and
+    each step's count of real rows over every replica (one gather brings both)."""
     host_outputs = ctx.replica.to_host(outputs)
     gathered = ctx.replica.host_gather((host_outputs, [batch.num_real for batch in batches]))
-    return real_examples([replica[0] for replica in gathered], [replica[1] for replica in gathered])
+    reals = [replica[1] for replica in gathered]
+    return (real_examples([replica[0] for replica in gathered], reals),
+            [sum(step_reals) for step_reals in zip(*reals, strict=True)])
 
 
 def _merge_metrics(total: dict[str, Metric] | None, new: Any) -> dict[str, Metric]:
@@ -112,7 +116,7 @@ class EvalProgram(ModeProgram):
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, None]:
-        window = _gathered(self.ctx, outputs, batches)
+        window, _ = _gathered(self.ctx, outputs, batches)
         if window is None:  # every row of the window was padding
             losses = np.zeros(0)
         else:
@@ -124,7 +128,7 @@ class EvalProgram(ModeProgram):
                                               call_with_tensors(self.metric_fn, tensors))
             losses = losses_tensor.numpy()
         step = self.context.global_step
-        return Window(step, step, losses, [], seconds, losses.size), None
+        return Window(step, step, losses, seconds, losses.size), None
 
     def results(self) -> dict[str, float]:
         if self.examples == 0:
@@ -205,11 +209,9 @@ class PredictProgram(ModeProgram):
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, list[Any]]:
-        window = _gathered(self.ctx, outputs, batches)
+        window, reals = _gathered(self.ctx, outputs, batches)
         step = self.context.global_step
-        reals = [sum(step_reals) for step_reals in zip(*self.ctx.replica.host_gather(
-            [batch.num_real for batch in batches]), strict=True)]
-        hook_window = Window(step, step, np.zeros(0), [], seconds, sum(reals))
+        hook_window = Window(step, step, np.zeros(0), seconds, sum(reals))
         if window is None:
             return hook_window, []
         if self.yield_single_examples:

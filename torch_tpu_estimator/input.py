@@ -203,7 +203,6 @@ class InputPipeline:
         self.source = source
         self.one_pass = one_pass
         self.kind = _kind_of(source)
-        self.mode = mode
         self.shard = shard
         self.batch_size = shard.rows
         self.global_batch_size = shard.batch_size

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .context import ModeContext
-from .hooks import Hook, RunContext, Window
+from .hooks import Hook, RunContext, Window, require_hooks
 from .input import HostBatch
 from .preemption import TerminationRequest
 from .runtime.base import Progress, Replica
@@ -43,11 +43,7 @@ class ModeProgram(abc.ABC):
         if self.spec_hooks is not None:
             return
         field = _SPEC_HOOKS[self.ctx.mode]
-        self.spec_hooks = list(getattr(spec, field) or ())
-        for hook in self.spec_hooks:
-            if not isinstance(hook, Hook):
-                raise TypeError(f"TPUEstimatorSpec.{field} must hold Hook instances, got "
-                                f"{type(hook).__name__}")
+        self.spec_hooks = require_hooks(f"TPUEstimatorSpec.{field}", getattr(spec, field))
 
     def steps_left(self) -> float:
         """Steps this mode may still run before its own end (a target, an eval step count)."""

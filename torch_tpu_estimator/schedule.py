@@ -10,9 +10,10 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_directory, atomic_write
+from .config import require_positive_int
 from .estimator import TPUEstimator
-from .hooks import Hook, RunContext
+from .hooks import Hook, RunContext, require_hooks
 from .job import InputFn
 from .spec import ModeKeys
 
@@ -45,8 +46,13 @@ class KeepBestCheckpoint(Hook):
             return
         os.makedirs(self.directory, exist_ok=True)
         target = os.path.join(self.directory, os.path.basename(checkpoint_path))
-        with open(checkpoint_path, "rb") as source:
-            atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
+        if os.path.isdir(checkpoint_path):  # a sharded checkpoint, published whole or not at all
+            if not os.path.exists(target):
+                atomic_directory(target, lambda temporary: shutil.copytree(
+                    checkpoint_path, temporary, dirs_exist_ok=True))
+        else:
+            with open(checkpoint_path, "rb") as source:
+                atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
         record = json.dumps({"checkpoint": os.path.basename(target), "results": results})
         atomic_write(os.path.join(self.directory, "best.json"),
                      lambda handle: handle.write(record.encode()))
@@ -90,21 +96,22 @@ def train_and_evaluate(
 ) -> list[dict[str, float]]:
     """Alternates `steps_between_evals` training steps and one evaluation until `max_steps` or an
     eval hook requests a stop in `after_evaluation`; returns every evaluation's results."""
-    for name, value in (("max_steps", max_steps), ("steps_between_evals", steps_between_evals)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    for hook in eval_hooks:
-        if not isinstance(hook, Hook):
-            raise TypeError(f"eval_hooks must hold Hook instances, got {type(hook).__name__}")
+    require_positive_int("max_steps", max_steps, optional=False)
+    require_positive_int("steps_between_evals", steps_between_evals, optional=False)
+    eval_hooks = require_hooks("eval_hooks", eval_hooks)
     history: list[dict[str, float]] = []
-    step = int(estimator.get_variable_value("global_step")) if estimator.latest_checkpoint() else 0
+    evaluated = estimator.latest_checkpoint()
+    step = int(estimator.get_variable_value("global_step")) if evaluated else 0
     while step < max_steps:
-        step = min(step + steps_between_evals, max_steps)
-        estimator.train(train_input_fn, max_steps=step)
+        estimator.train(train_input_fn, max_steps=min(step + steps_between_evals, max_steps))
+        if estimator.latest_checkpoint() == evaluated:
+            logger.info("train_and_evaluate: training made no progress past global step %d (its "
+                        "input ended): stopping", step)
+            break
         results = estimator.evaluate(eval_input_fn, steps=eval_steps, name=eval_name)
         history.append(results)
-        context = RunContext(ModeKeys.EVAL, int(results["global_step"]),
-                             estimator.caller_is_chief, estimator.model_dir)
+        step = int(results["global_step"])
+        context = RunContext(ModeKeys.EVAL, step, estimator.caller_is_chief, estimator.model_dir)
         evaluated = estimator.latest_checkpoint()
         for hook in eval_hooks:
             hook.after_evaluation(context, results, evaluated)

@@ -52,8 +52,7 @@ class TrainSummaryHook(Hook):
         for step in steps:
             index = step - window.first_step - 1
             self._writer.add_scalar("loss", float(window.losses[index]), step)
-            rates = window.group_learning_rates[index] if window.group_learning_rates else {
-                "": window.learning_rates[index]}
+            rates = window.group_learning_rates[index]
             if len(set(rates.values())) == 1:  # one rate: one chart, as TF writes it
                 self._writer.add_scalar("learning_rate", next(iter(rates.values())), step)
             else:  # groups that differ: one chart each, "learning_rate/<optimizer>/<group>"

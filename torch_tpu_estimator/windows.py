@@ -35,7 +35,7 @@ class WindowedBatches:
     any stream has ended and whether the chief's time budget is spent. One batch is read ahead
     for that, and kept for the next window when this one ends first. With one process, SIGTERM
     (`interrupt`) ends the window before the next step; several processes stop together at the
-    window's end instead (train.py).
+    window's end instead (loop.py).
     """
 
     def __init__(self, batches: Iterator[HostBatch], ctx: ModeContext,
