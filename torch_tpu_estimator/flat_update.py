@@ -6,12 +6,13 @@ parameter, each through torch's Python shape checks, was 75% of a small model's 
 group's parameters become views into one flat buffer and its two moments are flat too: a step
 concatenates the gradients once and runs torch's own formula (`_single_tensor_adam`, the
 non-capturable path: the same ops in the same order, with the same Python-float bias
-corrections) on the three buffers, so the numbers are bit for bit torch.optim.Adam's (with
-decoupled weight decay, XLA fuses the decay into the update differently over one buffer: a
-float32 rounding apart per step). The optimizer keeps torch's state layout (each parameter's
-moments are views of the flat ones, its step a CPU tensor), so its state_dict, checkpoints and
-a resume are unchanged; a state loaded from a checkpoint is copied into the flat buffers at
-the next step.
+corrections) on the three buffers, out of place with one copy back per buffer (XLA runs an
+in-place op as its out-of-place form anyway; only the Python checks differ), so the numbers are
+bit for bit torch.optim.Adam's (with decoupled weight decay, XLA fuses the decay into the
+update differently over one buffer: a float32 rounding apart per step). The optimizer keeps
+torch's state layout (each parameter's moments are views of the flat ones, its step a CPU
+tensor), so its state_dict, checkpoints and a resume are unchanged; a state loaded from a
+checkpoint is copied into the flat buffers at the next step.
 """
 
 from __future__ import annotations
@@ -122,15 +123,20 @@ class FlatAdam:
         lr, (beta1, beta2) = options["lr"], options["betas"]
         weight_decay, eps = options["weight_decay"], options["eps"]
         grad = torch.cat([parameter.grad.reshape(-1) for parameter in group.parameters])
+        weights = group.weights
         if weight_decay != 0:
             if self.decoupled:
-                group.weights.mul_(1 - lr * weight_decay)
+                weights = weights * (1 - lr * weight_decay)
             else:
-                grad = grad.add(group.weights, alpha=weight_decay)
-        group.exp_avg.lerp_(grad, 1 - beta1)
-        group.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                grad = grad.add(weights, alpha=weight_decay)
+        # torch's ops out of place, each buffer written back once: the in-place forms would pass
+        # through torch's Python shape checks on every step (see the module docstring)
+        exp_avg = torch.lerp(group.exp_avg, grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(group.exp_avg_sq * beta2, grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         step_size = lr / bias_correction1
-        denom = (group.exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-        group.weights.addcdiv_(group.exp_avg, denom, value=-step_size)
+        denom = exp_avg_sq.sqrt() / bias_correction2**0.5 + eps
+        group.exp_avg.copy_(exp_avg)
+        group.exp_avg_sq.copy_(exp_avg_sq)
+        group.weights.copy_(torch.addcdiv(weights, exp_avg, denom, value=-step_size))
