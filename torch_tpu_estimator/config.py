@@ -153,6 +153,15 @@ class TPUConfig:
       this long, the job ends with ReplicaHungError naming the replica the others wait for, and
       every process is stopped. Under torchrun it is the process group's collective timeout.
       It must exceed the longest pause of one replica: a compilation, a checkpoint write.
+    inference_steps_per_execution: evaluate and predict trace up to this many steps into one
+      XLA program (Keras' steps_per_execution; TF's TPUEstimator runs a window's
+      steps per session.run): the device runs them back to back instead of waiting on the host
+      between steps (about 1.5x the examples/s of a small CNN on XLA:CPU, see the README).
+      Results are the same bit for bit. A group never crosses a window: with a step-count
+      window it is the largest divisor of iterations_per_loop not above this value, so a call
+      compiles at most 2 graphs (full groups, and the last window's rest). The program, and
+      the activations alive at once, grow with it. Training always runs one step per
+      program: grouped updates measured slower and round differently.
     """
 
     iterations_per_loop: int | str = 2
@@ -165,6 +174,7 @@ class TPUConfig:
     param_sharding: str = "replicated"
     num_cores_per_replica: int | None = None
     precision: str = "fp32"
+    inference_steps_per_execution: int = 1
     tpu_job_name: dataclasses.InitVar[str | None] = None
     initial_infeed_sleep_secs: dataclasses.InitVar[float | None] = None
     eval_training_input_configuration: dataclasses.InitVar[object] = None
@@ -196,6 +206,8 @@ class TPUConfig:
         _require(self.precision in PRECISIONS,
                  f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         require_positive_int("num_cores_per_replica", self.num_cores_per_replica)
+        require_positive_int("inference_steps_per_execution",
+                             self.inference_steps_per_execution, optional=False)
         spmd_only = self.param_sharding != "replicated" or (self.num_cores_per_replica or 1) > 1
         _require(not spmd_only or self.strategy == "spmd",
                  "param_sharding and num_cores_per_replica lay parameters over an SPMD mesh: "

@@ -20,6 +20,7 @@ from .input import InputShard, call_input_fn
 from .job import InputFn, Job
 from .runtime.base import Replica, ReplicaContext
 from .spec import ModeKeys, TPUEstimatorSpec, validate_spec
+from .windows import steps_per_program
 
 T = TypeVar("T")
 
@@ -109,6 +110,16 @@ class ModeContext:
     def step_runner(self) -> Callable[[Callable[[], T]], T]:
         return self.replica.step_runner(self.mode,
                                         self.config.tpu_config.max_graphs(self.mode))
+
+    @property
+    def steps_per_program(self) -> int:
+        """Steps traced into one device program: 1 in training; in evaluate and predict,
+        TPUConfig.inference_steps_per_execution fitted to the window."""
+        if self.mode == ModeKeys.TRAIN:
+            return 1
+        tpu_config = self.config.tpu_config
+        return steps_per_program(tpu_config.inference_steps_per_execution,
+                                 tpu_config.window_steps)
 
     @property
     def agrees_each_step(self) -> bool:

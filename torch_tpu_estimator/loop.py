@@ -1,5 +1,6 @@
-"""One loop for train, evaluate and predict: windows of steps on the device, host work at window
-ends, and hooks with the same phases in every mode.
+"""One loop for train, evaluate and predict: windows of steps on the device (run one step, or in
+evaluate and predict one group of steps, per program), host work at window ends, and hooks with
+the same phases in every mode.
 
 A ModeProgram says what one mode does with a step and with a window's outputs; run_loop does the
 rest alike for all three: the step runner, heartbeats, one transfer per window, hooks, a stop
@@ -20,7 +21,7 @@ from .input import HostBatch
 from .preemption import TerminationRequest
 from .runtime.base import Progress, Replica
 from .spec import ModeKeys
-from .windows import WindowedBatches
+from .windows import WindowedBatches, groups
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -81,13 +82,13 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
     try:
         while True:
             outputs, batches = [], []
-            for batch in windows.window(program.steps_left()):
-                number = program.steps_done + 1
-                replica.heartbeat(Progress.MODEL_FN, number)
-                outputs.append(run_step(lambda batch=batch: replica.readable(program.step(batch))))
-                replica.heartbeat(Progress.INPUT, number + 1)
-                batches.append(batch)
-                program.steps_done = number
+            for group in groups(windows.window(program.steps_left()), ctx.steps_per_program):
+                replica.heartbeat(Progress.MODEL_FN, program.steps_done + 1)
+                outputs.extend(run_step(lambda group=group: [replica.readable(program.step(batch))
+                                                             for batch in group]))
+                batches.extend(group)
+                program.steps_done += len(group)
+                replica.heartbeat(Progress.INPUT, program.steps_done + 1)
                 if not adopted and program.spec_hooks is not None:
                     adopted = True
                     for hook in program.spec_hooks:

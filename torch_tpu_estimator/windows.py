@@ -2,7 +2,8 @@
 
 `TPUConfig.iterations_per_loop` sets a window's size, or a time budget ("30s"); a window also
 ends where a stop falls (the target step, a hook's last step), so the global step lands exactly
-on it. Inside a window nothing is read from the device.
+on it. Inside a window nothing is read from the device. Evaluate and predict may also run a
+window's steps in groups, each one device program (TPUConfig.inference_steps_per_execution).
 """
 
 from __future__ import annotations
@@ -20,6 +21,27 @@ if TYPE_CHECKING:
     from .context import ModeContext
 
 
+def steps_per_program(setting: int, window_steps: int | None) -> int:
+    """How many steps one program runs: `setting`, or with step-count windows its largest
+    divisor of the window size, so every full window splits into equal groups (one graph)."""
+    if window_steps is None:
+        return setting
+    return max(size for size in range(1, min(setting, window_steps) + 1)
+               if window_steps % size == 0)
+
+
+def groups(batches: Iterator[HostBatch], size: int) -> Iterator[list[HostBatch]]:
+    """Consecutive batches in lists of `size`; the last may be shorter."""
+    group: list[HostBatch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def steps_to_next_stop(step: int, target: int | None, hooks: Sequence[Hook]) -> float:
     """Steps left before the target or a hook's last step, so the last window lands on it."""
     stops = [target] + [hook.last_step() for hook in hooks]
@@ -35,12 +57,14 @@ class WindowedBatches:
     any stream has ended and whether the chief's time budget is spent. One batch is read ahead
     for that, and kept for the next window when this one ends first. With one process, SIGTERM
     (`interrupt`) ends the window before the next step; several processes stop together at the
-    window's end instead (loop.py).
+    window's end instead (loop.py). A time budget ends a window only after a whole number (at
+    least one) of groups of `ctx.steps_per_program` steps, so grouped steps compile one graph.
     """
 
     def __init__(self, batches: Iterator[HostBatch], ctx: ModeContext,
                  interrupt: TerminationRequest | None = None):
         self.batches = batches
+        self.group_size = ctx.steps_per_program
         self.replica = ctx.replica
         self.agree_each_step = ctx.agrees_each_step
         self.window_steps = ctx.config.tpu_config.window_steps or math.inf
@@ -61,6 +85,7 @@ class WindowedBatches:
                 self._ahead = next(self.batches, None)
             ended = self._ahead is None
             time_up = (self.window_seconds < math.inf and self.replica.is_chief
+                       and count > 0 and count % self.group_size == 0
                        and self.seconds() >= self.window_seconds)
             if self.agree_each_step:
                 flags = self.replica.host_gather((ended, time_up))
