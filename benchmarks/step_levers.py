@@ -15,6 +15,9 @@ its compilations (warm-up / timed) and how far its losses are from the plain loo
   parameters that are views, as the flat optimizer's are).
 - compiled_forward / compiled_optimizer: torch.compile(backend="openxla") of forward + loss, or
   of optimizer.step (dropped: no gain, more graphs).
+- grouped: 10 plain steps traced into one program, one sync per 10 steps (as evaluate and
+  predict do with TPUConfig.inference_steps_per_execution; dropped for training: slower, and
+  the losses round differently from one step per program).
 - scan: a window of 20 steps as one XLA While loop (torch_xla.experimental.scan's core) of a
   functional step (dropped: convolutions in a While body run slower on XLA:CPU).
 - replay: one functional step traced once, its compiled program replayed through private
@@ -40,8 +43,9 @@ from collections.abc import Callable
 from typing import Any
 
 LEVERS = ("plain", "flat", "syncfree", "nofunc", "compiled_forward", "compiled_optimizer",
-          "scan", "replay")
+          "grouped", "scan", "replay")
 BATCHES = 20
+GROUPED_STEPS = 10
 LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.999, 1e-8
 Step = Callable[[int], Any]
 
@@ -88,15 +92,21 @@ def optimizer_steps(lever: str, model: Any, features: list, labels: list) -> tup
     if lever == "compiled_forward":
         forward_loss = torch.compile(forward_loss, backend="openxla")
 
-    def step(index: int) -> Any:
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_loss(features[index % BATCHES], labels[index % BATCHES])
-        loss.backward()
-        optimizer_step()
-        torch_xla.sync()
-        return loss.detach()
+    steps_per_sync = GROUPED_STEPS if lever == "grouped" else 1
 
-    return step, 1
+    def step(index: int) -> Any:
+        losses = []
+        for batch in range(index, index + steps_per_sync):
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_loss(features[batch % BATCHES], labels[batch % BATCHES])
+            loss.backward()
+            optimizer_step()
+            losses.append(loss.detach())
+        losses = torch.stack(losses)
+        torch_xla.sync()
+        return losses
+
+    return step, steps_per_sync
 
 
 def functional_steps(lever: str, model: Any, features: list, labels: list) -> tuple[Step, int]:
