@@ -138,3 +138,18 @@ def test_grouped_inference_on_the_torch_backend_equals_ungrouped(tmp_path):
     (metrics, logits), (grouped_metrics, grouped_logits) = results
     assert grouped_metrics == metrics and torch.equal(grouped_logits, logits)
     assert math.isfinite(metrics["loss"])
+
+
+def test_grouped_inference_runs_under_the_recompilation_guard(tmp_path):
+    """Full groups and the last window's rest are the 2 graphs max_graphs_per_mode allows."""
+    make_estimator(tmp_path, fn=exact_model_fn).train(lambda params: make_data(64), steps=2)
+    results = []
+    for max_graphs in (None, {"eval": 2, "infer": 2}):
+        estimator = make_estimator(tmp_path, fn=exact_model_fn, iterations_per_loop=6,
+                                   max_graphs=max_graphs,
+                                   tpu_config_extra={"inference_steps_per_execution": 3})
+        predictions = list(estimator.predict(lambda params: make_data(29, seed=4)))
+        results.append((estimator.evaluate(lambda params: make_data(50, seed=3)),
+                        torch.stack([p["logits"] for p in predictions])))
+    (metrics, logits), (guarded_metrics, guarded_logits) = results
+    assert guarded_metrics == metrics and torch.equal(guarded_logits, logits)

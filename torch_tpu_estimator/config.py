@@ -147,7 +147,8 @@ class TPUConfig:
       that mode (ModeKeys.TRAIN "train", EVAL "eval", PREDICT "infer") per call of train,
       evaluate or predict; one more is a RecompilationError naming the mode, raised as the
       graph is traced (torch_xla.compile's max_different_graphs). Training with Adam-like
-      optimizers traces 2 (the first step creates their state); eval and predict trace 1.
+      optimizers traces 2 (the first step creates their state); eval and predict trace 1, or 2
+      with inference_steps_per_execution > 1 (full groups, and the last window's rest).
     replica_timeout_secs: how long replicas wait for one another. Processes the estimator
       launches (use_tpu=False, num_shards=N) are watched: when none of them makes progress for
       this long, the job ends with ReplicaHungError naming the replica the others wait for, and
