@@ -163,6 +163,14 @@ class TPUConfig:
       compiles at most 2 graphs (full groups, and the last window's rest). The program, and
       the activations alive at once, grow with it. Training always runs one step per
       program: grouped updates measured slower and round differently.
+    replay_inference: XLA only (plain PyTorch does not trace). evaluate and predict trace the
+      first two groups of steps (inference_steps_per_execution), then run the program they
+      compiled on every later group, with no tracing, as TF builds model_fn's graph once
+      (replay.py). Only when both groups traced the same graph from the same weights and
+      constants, changed no parameter or buffer and drew no random numbers; otherwise it logs
+      why and traces every step. Results are the same bit for bit; model_fn's Python code runs
+      for the traced groups only. Off by default: it relies on torch_xla internals
+      (xla_compat.py), and a model_fn with Python side effects would see fewer calls.
     """
 
     iterations_per_loop: int | str = 2
@@ -176,6 +184,7 @@ class TPUConfig:
     num_cores_per_replica: int | None = None
     precision: str = "fp32"
     inference_steps_per_execution: int = 1
+    replay_inference: bool = False
     tpu_job_name: dataclasses.InitVar[str | None] = None
     initial_infeed_sleep_secs: dataclasses.InitVar[float | None] = None
     eval_training_input_configuration: dataclasses.InitVar[object] = None
@@ -209,6 +218,8 @@ class TPUConfig:
         require_positive_int("num_cores_per_replica", self.num_cores_per_replica)
         require_positive_int("inference_steps_per_execution",
                              self.inference_steps_per_execution, optional=False)
+        _require(isinstance(self.replay_inference, bool),
+                 f"replay_inference must be a bool, got {self.replay_inference!r}")
         spmd_only = self.param_sharding != "replicated" or (self.num_cores_per_replica or 1) > 1
         _require(not spmd_only or self.strategy == "spmd",
                  "param_sharding and num_cores_per_replica lay parameters over an SPMD mesh: "

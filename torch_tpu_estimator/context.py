@@ -122,6 +122,13 @@ class ModeContext:
                                  tpu_config.window_steps)
 
     @property
+    def replays_inference(self) -> bool:
+        """Whether evaluate and predict replay their compiled step (TPUConfig.replay_inference)
+        here: in those modes, on a replica that can."""
+        return (self.mode != ModeKeys.TRAIN and self.config.tpu_config.replay_inference
+                and self.replica.replays_programs)
+
+    @property
     def agrees_each_step(self) -> bool:
         """Whether processes must agree before every step: when a time budget, or per-replica
         input whose streams may end at different steps, could make their windows differ."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from .gather import real_examples
 from .hooks import Hook, Window
 from .input import HostBatch
 from .job import InputFn, Job
-from .loop import ModeProgram, run_loop, run_to_end
+from .loop import ModeProgram, StepRunner, run_loop, run_to_end
 from .metrics import Metric
 from .progress import progress_hooks
 from .run_record import write_hparams
@@ -83,17 +83,36 @@ def _merge_metrics(total: dict[str, Metric] | None, new: Any) -> dict[str, Metri
     return {name: total[name].merge(value) for name, value in new.items()}
 
 
-class EvalProgram(ModeProgram):
+class InferenceProgram(ModeProgram):
+    """What evaluate and predict share: restored weights, fixed params, replayable steps."""
+
+    def __init__(self, ctx: ModeContext, state: RunState):
+        super().__init__(ctx, state.global_step)
+        self.state = state
+        self.params = ctx.model_params()
+
+    def group_runner(self, run_step: StepRunner) -> Callable[[list[HostBatch]], list[Any]]:
+        """Traced groups, or replayed ones where TPUConfig.replay_inference asks for it."""
+        if not self.ctx.replays_inference:
+            if self.ctx.config.tpu_config.replay_inference:
+                logger.info("replay_inference has no effect on %s: every step is traced",
+                            type(self.ctx.replica).__name__)
+            return super().group_runner(run_step)
+        from .replay import ReplayedGroups  # imports torch_xla, which plain PyTorch runs never do
+
+        return ReplayedGroups(self.trace_group, run_step, self.state.model, self.ctx.replica.device)
+
+
+class EvalProgram(InferenceProgram):
     """Evaluation in the loop: per-example losses and metric tensors, merged window by window."""
 
     def __init__(self, ctx: ModeContext, state: RunState, steps: int | None):
-        super().__init__(ctx, state.global_step)
-        self.state, self.steps = state, steps
-        self.params = ctx.model_params()
+        super().__init__(ctx, state)
+        self.steps = steps
         self.metric_fn = None
         self.metrics: dict[str, Metric] | None = None
         self.loss_sum, self.examples = 0.0, 0
-        self.warned = False
+        self.scalar_loss, self.warned = False, False
 
     def steps_left(self) -> float:
         return math.inf if self.steps is None else self.steps - self.steps_done
@@ -103,19 +122,26 @@ class EvalProgram(ModeProgram):
             spec = self.ctx.call_model_fn(self.state.model, batch.features, batch.labels,
                                           self.params)
         self.note_spec_hooks(spec)
+        self.metric_fn, tensors = spec.eval_metrics or (None, [])
+        loss = spec.loss.detach()
+        self.scalar_loss = loss.dim() == 0
+        return (loss.expand(self.params["batch_size"]) if self.scalar_loss else loss), tensors
+
+    def _warn_if_padding_averaged(self, batches: list[HostBatch]) -> None:
+        """A scalar loss of a padded batch averages its padding copies in: said once, on the
+        host (replayed steps do not run model_fn)."""
         rows = self.params["batch_size"]
-        if spec.loss.dim() == 0 and batch.num_real < rows and not self.warned:
+        padded = [batch.num_real for batch in batches if batch.num_real < rows]
+        if self.scalar_loss and padded and not self.warned:
             self.warned = True
             logger.warning(
                 "model_fn's EVAL loss is a scalar and the last batch is padded (%d real of %d "
                 "rows): the reported loss averages the padding copies in. Return the loss per "
-                "example (reduction=\"none\") for an exact mean", batch.num_real, rows)
-        self.metric_fn, tensors = spec.eval_metrics or (None, [])
-        loss = spec.loss.detach()
-        return (loss.expand(rows) if loss.dim() == 0 else loss), tensors
+                "example (reduction=\"none\") for an exact mean", padded[0], rows)
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, None]:
+        self._warn_if_padding_averaged(batches)
         window, _ = _gathered(self.ctx, outputs, batches)
         if window is None:  # every row of the window was padding
             losses = np.zeros(0)
@@ -190,15 +216,14 @@ def _batches_of(window: Any, sizes: list[int]) -> Iterator[Any]:
         start += size
 
 
-class PredictProgram(ModeProgram):
+class PredictProgram(InferenceProgram):
     """Prediction in the loop: each window's predictions, in input order, padding removed."""
 
     def __init__(self, ctx: ModeContext, state: RunState, predict_keys: Sequence[str] | None,
                  yield_single_examples: bool):
-        super().__init__(ctx, state.global_step)
-        self.state, self.predict_keys = state, predict_keys
+        super().__init__(ctx, state)
+        self.predict_keys = predict_keys
         self.yield_single_examples = yield_single_examples
-        self.params = ctx.model_params()
 
     def step(self, batch: HostBatch) -> Any:
         with torch.no_grad():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .context import ModeContext
@@ -24,6 +24,8 @@ from .spec import ModeKeys
 from .windows import WindowedBatches, groups
 
 logger = logging.getLogger("torch_tpu_estimator")
+
+StepRunner = Callable[[Callable[[], Any]], Any]
 
 _SPEC_HOOKS = {ModeKeys.TRAIN: "training_hooks", ModeKeys.EVAL: "evaluation_hooks",
                ModeKeys.PREDICT: "prediction_hooks"}
@@ -54,6 +56,14 @@ class ModeProgram(abc.ABC):
     def step(self, batch: HostBatch) -> Any:
         """One step on the device; returns its outputs, still on the device."""
 
+    def trace_group(self, group: list[HostBatch]) -> list[Any]:
+        """A group of steps traced, their outputs laid out to be read back."""
+        return [self.ctx.replica.readable(self.step(batch)) for batch in group]
+
+    def group_runner(self, run_step: StepRunner) -> Callable[[list[HostBatch]], list[Any]]:
+        """How the loop runs a group of steps: traced, and cut into one program by `run_step`."""
+        return lambda group: run_step(lambda: self.trace_group(group))
+
     @abc.abstractmethod
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, Any]:
@@ -77,15 +87,14 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
     hooks = list(hooks)
     for hook in hooks:
         hook.begin(context)
-    run_step = ctx.step_runner()
+    run_group = program.group_runner(ctx.step_runner())
     preempted, adopted = False, False
     try:
         while True:
             outputs, batches = [], []
             for group in groups(windows.window(program.steps_left()), ctx.steps_per_program):
                 replica.heartbeat(Progress.MODEL_FN, program.steps_done + 1)
-                outputs.extend(run_step(lambda group=group: [replica.readable(program.step(batch))
-                                                             for batch in group]))
+                outputs.extend(run_group(group))
                 batches.extend(group)
                 program.steps_done += len(group)
                 replica.heartbeat(Progress.INPUT, program.steps_done + 1)

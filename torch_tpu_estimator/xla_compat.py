@@ -120,3 +120,47 @@ def spmd_save_planner() -> Any:
             return dataclasses.replace(plan, items=items)
 
     return OneCopyPerShard()
+
+
+def tensor_id(tensor: torch.Tensor) -> int:
+    """The id torch_xla gives an XLA tensor, the one graph_inputs names device data by."""
+    return torch_xla._XLAC._xla_get_tensor_id(tensor)
+
+
+def pending(tensors: list[torch.Tensor]) -> list[bool]:
+    """For each XLA tensor, whether it has traced operations not yet run (pending IR)."""
+    return list(torch_xla._XLAC._check_tensor_need_materialization(tensors))
+
+
+def materialize(tensors: list[torch.Tensor]) -> None:
+    """Runs the pending operations of `tensors` alone; unlike torch_xla.sync() it ends no step,
+    so the device RNG seed does not advance."""
+    torch_xla._XLAC._xla_sync_multi(tensors, devices=[], wait=True, sync_xla_data=True)
+
+
+def graph_inputs(outputs: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
+    """The device data the pending graph of `outputs` reads, in its parameter order: each
+    one's tensor id and the data itself."""
+    ids, values = torch_xla._XLAC._get_tensors_xla_device_data_node(outputs)
+    return list(ids), list(values)
+
+
+def rng_seed_id() -> int:
+    """The tensor id of the device RNG seed when a graph reads it (random draws)."""
+    return torch_xla._XLAC._get_seed_info_id()
+
+
+def compile_graph(outputs: list[torch.Tensor], device: torch.device) -> str:
+    """Compiles the pending graph of `outputs` into torch_xla's cache without running it, drops
+    every pending operation on `device`, and returns the graph's hash for run_compiled (what
+    torch_xla's dynamo bridge does with a traced graph)."""
+    graph_hash = torch_xla._XLAC._get_graph_hash(outputs)
+    torch_xla._XLAC._xla_warm_up_cache(outputs, [])
+    torch_xla._XLAC._clear_pending_irs(str(device))
+    return graph_hash
+
+
+def run_compiled(graph_hash: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Runs a graph compile_graph cached, on new inputs in its parameter order; its outputs
+    come back as device tensors, without any tracing."""
+    return list(torch_xla._XLAC._run_cached_graph(graph_hash, inputs))

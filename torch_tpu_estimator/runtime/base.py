@@ -115,6 +115,12 @@ class Replica(abc.ABC):
         return False
 
     @property
+    def replays_programs(self) -> bool:
+        """Whether a compiled step program can run again on new inputs without tracing
+        (replay.py, TPUConfig.replay_inference)."""
+        return False
+
+    @property
     def answers_caller(self) -> bool:
         """Whether this replica's result is the one its host's caller receives."""
         return self.is_chief

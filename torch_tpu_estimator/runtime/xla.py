@@ -79,6 +79,10 @@ class XlaReplica(Replica):
     def device(self) -> torch.device:
         return torch_xla.device()
 
+    @property
+    def replays_programs(self) -> bool:
+        return True  # one device or an SPMD mesh alike: the loader lays out every batch alike
+
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
         # Steps are cut by the step runner alone: every mark_step advances the XLA RNG seed, so
         # a fixed number per step keeps dropout identical however windows and resumes fall.
