@@ -3,8 +3,8 @@
 Each mode does the same work on the same model, data, batch size and device with every side:
 
 - `estimator`: TPUEstimator (windows of 100 steps; evaluate and predict run 10 steps per XLA
-  program, TPUConfig.inference_steps_per_execution=10; the train run writes its final
-  checkpoint).
+  program, TPUConfig.inference_steps_per_execution=10, replayed without tracing after the first
+  two groups, TPUConfig.replay_inference=True; the train run writes its final checkpoint).
 - `hand`: the loop the torch_xla docs recommend: a DataLoader collating rows -> MpDeviceLoader,
   xm.optimizer_step, no per-step `.item()` (each step's outputs stay on the device and come
   back in one transfer at the end).
@@ -14,8 +14,10 @@ Each mode does the same work on the same model, data, batch size and device with
   the `bench` extra), fit / validate / predict.
 - `estimator_accum4` (train only): TPUEstimator with UpdateConfig(accumulation_steps=4), the
   same global batch in 4 micro-batches inside one step: the cost of accumulation.
-- `estimator_1step` (eval and predict only): TPUEstimator with one step per program (the
-  default inference_steps_per_execution=1): what grouping steps gains.
+- `estimator_traced` (eval and predict only): the same 10 steps per program, traced at every
+  group (replay_inference=False): what replay gains.
+- `estimator_1step` (eval and predict only): TPUEstimator's defaults, one traced step per
+  program: what grouping and replay gain together.
 
 Models: an MLP (64-256-256-10 on 64 features) and a small CNN (two 3x3 conv + ReLU + 2x2
 max-pool layers, then a linear layer, on 3x16x16 images); random data, 10 classes, batch 64,
@@ -31,7 +33,8 @@ transfers of the timed run (the timed runs compile nothing).
     PJRT_DEVICE=CPU python benchmarks/estimator_vs_hand_loop.py [--repeats 5] [--steps 500]
         [--eval-examples 20000] [--predict-examples 20000] [--models mlp,cnn]
         [--modes train,eval,predict]
-        [--sides estimator,hand,hand_indexed,lightning,estimator_accum4,estimator_1step]
+        [--sides estimator,hand,hand_indexed,lightning,estimator_accum4,estimator_traced,
+                 estimator_1step]
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ BATCH = 64
 TRAIN_EXAMPLES = 8192
 CHECKPOINT_STEPS = 20
 MODES = ("train", "eval", "predict")
-SIDES = ("estimator", "hand", "hand_indexed", "lightning", "estimator_accum4", "estimator_1step")
-TRAIN_ONLY, INFERENCE_ONLY = ("estimator_accum4",), ("estimator_1step",)
+SIDES = ("estimator", "hand", "hand_indexed", "lightning", "estimator_accum4", "estimator_traced",
+         "estimator_1step")
+TRAIN_ONLY, INFERENCE_ONLY = ("estimator_accum4",), ("estimator_traced", "estimator_1step")
 STEPS_PER_PROGRAM = 10
 Build = Callable[[], nn.Module]
 
@@ -200,9 +204,10 @@ def model_fn(model: nn.Module, features: torch.Tensor, labels: torch.Tensor | No
 
 
 def make_estimator(build: Build, model_dir: str, accumulation: int = 1,
-                   steps_per_program: int = STEPS_PER_PROGRAM) -> TPUEstimator:
+                   steps_per_program: int = STEPS_PER_PROGRAM, replay: bool = True
+                   ) -> TPUEstimator:
     """TPUEstimator with checkpoints, summaries and step logging off, windows of 100 steps,
-    `steps_per_program` evaluate and predict steps per XLA program."""
+    `steps_per_program` evaluate and predict steps per XLA program, replayed or not."""
     return TPUEstimator(
         model_fn=model_fn, model_init_fn=lambda params: build(),
         optimizer_fn=lambda model, params: torch.optim.Adam(model.parameters(), lr=1e-3),
@@ -211,7 +216,8 @@ def make_estimator(build: Build, model_dir: str, accumulation: int = 1,
         config=RunConfig(save_checkpoints_steps=None, log_step_count_steps=None,
                          save_summary_steps=None, tpu_config=TPUConfig(
                              iterations_per_loop=100,
-                             inference_steps_per_execution=steps_per_program),
+                             inference_steps_per_execution=steps_per_program,
+                             replay_inference=replay),
                          update_config=UpdateConfig(accumulation_steps=accumulation)))
 
 
@@ -306,7 +312,7 @@ def side_work(side: str, model: str, mode: str, args: argparse.Namespace, scratc
         return lambda: estimator_train(build, dataset, args.steps, scratch, accumulation), amount
     estimator = make_estimator(build, os.path.dirname(checkpoint),
                                steps_per_program=1 if side == "estimator_1step" else
-                               STEPS_PER_PROGRAM)
+                               STEPS_PER_PROGRAM, replay=side == "estimator")
     if mode == "eval":
         return lambda: estimator.evaluate(lambda params: dataset), amount
     return lambda: estimator_predict(estimator, dataset), amount
