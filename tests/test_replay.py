@@ -15,7 +15,7 @@ from helpers import make_data, make_estimator, run_fresh
 from test_eval_predict import metric_fn
 
 from torch_tpu_estimator import ModeKeys, TPUConfig, TPUEstimatorSpec
-from torch_tpu_estimator.replay import Source, StepPlan
+from torch_tpu_estimator.replay import GroupPlan, Source
 
 CALLS: collections.Counter = collections.Counter()
 
@@ -208,16 +208,16 @@ def test_a_plan_replays_only_batches_of_the_traced_structure_and_shapes():
 
     batch = [_device(1.0, 2.0), _device(3.0)]
     _, spec = tree_flatten([(batch[0], batch[1])])
-    plan = StepPlan("hash", spec, ((((2,), torch.float32)), (((1,), torch.float32))), (),
+    plan = GroupPlan("hash", spec, ((((2,), torch.float32)), (((1,), torch.float32))), (),
                     spec, (), 0)
     assert plan.fits(spec, batch)
     assert not plan.fits(spec, [_device(1.0, 2.0, 3.0), _device(3.0)])
     _, dict_spec = tree_flatten([({"x": batch[0]}, batch[1])])
     assert not plan.fits(dict_spec, batch)
-    other_graph = StepPlan("other", spec, plan.batch_shapes, (), spec, (), 0)
-    assert plan.difference(other_graph) == "two steps traced different graphs"
-    moved = StepPlan("hash", spec, plan.batch_shapes, (Source(batch_position=1),), spec, (), 0)
-    assert "different values" in StepPlan(
+    other_graph = GroupPlan("other", spec, plan.batch_shapes, (), spec, (), 0)
+    assert plan.difference(other_graph) == "two groups of steps traced different graphs"
+    moved = GroupPlan("hash", spec, plan.batch_shapes, (Source(batch_position=1),), spec, (), 0)
+    assert "different values" in GroupPlan(
         "hash", spec, plan.batch_shapes, (Source(batch_position=0),), spec, (), 0
     ).difference(moved)
 

@@ -24,14 +24,15 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from . import xla_compat
 from .input import HostBatch
+from .loop import StepRunner
 
 logger = logging.getLogger("torch_tpu_estimator")
 
-TRACED_STEPS = 2  # groups of one size traced and compared before replaying
+TRACED_GROUPS = 2  # groups of one size traced and compared before replaying
 
 
 class NotReplayable(Exception):
-    """Why a traced step cannot be replayed (logged once, then every step is traced)."""
+    """Why a traced group cannot be replayed (logged once, then every step is traced)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +66,9 @@ def _source(tensor: torch.Tensor, batch_ids: dict[int, int]) -> Source:
 
 
 @dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """One traced step, compiled: the graph, where its inputs come from, and how its results
-    and the outputs it does not compute form the step's outputs."""
+class GroupPlan:
+    """One traced group of steps, compiled: the graph, where its inputs come from, and how its
+    results and the outputs it does not compute form the steps' outputs."""
 
     graph_hash: str
     batch_spec: TreeSpec
@@ -90,18 +91,19 @@ class StepPlan:
         return tree_unflatten([results[out] if isinstance(out, int) else out.take(batch)
                                for out in self.outputs], self.output_spec)
 
-    def difference(self, other: StepPlan) -> str | None:
+    def difference(self, other: GroupPlan) -> str | None:
         """Why `other`, traced from a later batch, cannot be replayed in this plan's place."""
         if other.graph_hash != self.graph_hash or other.output_spec != self.output_spec:
-            return "two steps traced different graphs"
+            return "two groups of steps traced different graphs"
         if other.batch_spec != self.batch_spec or other.batch_shapes != self.batch_shapes:
-            return "two batches differ in structure or shapes"
+            return "two groups of batches differ in structure or shapes"
         pairs = [*zip(self.inputs, other.inputs, strict=True),
                  *((mine, theirs) for mine, theirs in zip(self.outputs, other.outputs, strict=True)
                    if isinstance(mine, Source) and isinstance(theirs, Source))]
         if any(mine.differs_from(theirs) for mine, theirs in pairs):
-            return ("two steps read different values besides their batches (a Python number, or "
-                    "a tensor made in model_fn from data, that changes from step to step)")
+            return ("two groups of steps read different values besides their batches (a Python "
+                    "number, or a tensor made in model_fn from data, that changes from step to "
+                    "step)")
         return None
 
 
@@ -133,11 +135,11 @@ class ReplayedGroups:
     runner). A traced step that changes or replaces one of the model's parameters or buffers
     is not replayed, because the replay would not change it."""
 
-    def __init__(self, trace: GroupRunner, run_step: Callable[[Callable[[], Any]], Any],
+    def __init__(self, trace: GroupRunner, run_step: StepRunner,
                  model: torch.nn.Module, device: torch.device):
         self.trace, self.run_step = trace, run_step
         self.model, self.state, self.device = model, _state(model), device
-        self.plans: dict[int, list[StepPlan]] = {}  # by group size
+        self.plans: dict[int, list[GroupPlan]] = {}  # by group size
         self.declined = False
 
     def __call__(self, group: Group) -> list[Any]:
@@ -145,7 +147,7 @@ class ReplayedGroups:
             try:
                 tensors, spec = _batch_tensors(group)
                 plans = self.plans.get(len(group), [])
-                if len(plans) < TRACED_STEPS:
+                if len(plans) < TRACED_GROUPS:
                     return self.run_step(lambda: self._trace_and_compile(group, tensors, spec))
                 if plans[-1].fits(spec, tensors):
                     return plans[-1].run(tensors)  # no trace: no graph to cut, no device wait
@@ -172,14 +174,14 @@ class ReplayedGroups:
                                                                              self.device))
         plans = self.plans.setdefault(len(group), [])
         plans.append(plan)
-        if len(plans) == TRACED_STEPS:
+        if len(plans) == TRACED_GROUPS:
             difference = plans[0].difference(plan)
             if difference is not None:
                 self._decline(difference)
         return plan.run(tensors)
 
     def _plan(self, outputs: list[Any], tensors: list[torch.Tensor],
-              spec: TreeSpec) -> tuple[StepPlan, list[torch.Tensor]]:
+              spec: TreeSpec) -> tuple[GroupPlan, list[torch.Tensor]]:
         """The plan of a traced group, and the outputs its graph computes (still pending)."""
         leaves, output_spec = tree_flatten(outputs)
         if not all(isinstance(leaf, torch.Tensor) and leaf.device.type == "xla"
@@ -211,7 +213,7 @@ class ReplayedGroups:
         inputs = tuple(Source(batch_position=batch_ids[tensor_id]) if tensor_id in batch_ids
                        else Source(fixed=value, fixed_id=tensor_id)
                        for tensor_id, value in zip(ids, values, strict=True))
-        plan = StepPlan("", spec, _shapes(tensors), inputs, output_spec, tuple(placed),
+        plan = GroupPlan("", spec, _shapes(tensors), inputs, output_spec, tuple(placed),
                         len(computed))
         return plan, computed
 
