@@ -2,8 +2,9 @@
 
 The estimator relies on a few torch_xla internals that have no public equivalent in 2.9: reading
 an exporter's HLO as it lowers, running an HLO computation inside the lazy graph, stopping a
-device loader's threads, converting device trees to CPU in one transfer. Each is wrapped here,
-so that a new torch_xla release is checked and followed in this file only.
+device loader's threads, converting device trees to CPU in one transfer, compiling a traced
+graph and running it again on new inputs (replay.py). Each is wrapped here, so that a new
+torch_xla release is checked and followed in this file only.
 """
 
 from __future__ import annotations
