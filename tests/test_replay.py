@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import torch_xla
 from helpers import make_data, make_estimator, run_fresh
+from torch.utils.data import TensorDataset
 from test_eval_predict import metric_fn
 
 from torch_tpu_estimator import ModeKeys, TPUConfig, TPUEstimatorSpec
@@ -167,6 +168,90 @@ def test_a_step_a_replay_could_change_is_traced_every_time(tmp_path, caplog, fn,
     assert torch.equal(_stacked(replayed[1], "logits"), _stacked(traced[1], "logits"))
 
 
+def _positives_first(examples: int, seed: int) -> TensorDataset:
+    """make_data with a first feature that is positive in the first 16 rows (the two traced
+    groups of batches of 8) and of either sign after."""
+    features, labels = make_data(examples, seed=seed).tensors
+    features = features.clone()
+    features[:16, 0] = features[:16, 0].abs() + 0.1
+    return TensorDataset(features, labels)
+
+
+def _reading_model_fn(read):
+    """A model_fn whose logits depend on what `read(negative)` makes of the batch's negative
+    first features: a branch, a number read back, or an op torch_xla runs on the host."""
+    def model_fn(model, features, labels, mode, params):
+        CALLS[mode] += 1
+        logits = model(features) + read(features[:, 0] < 0)
+        if mode == ModeKeys.PREDICT:
+            return TPUEstimatorSpec(mode, predictions={"logits": logits})
+        return TPUEstimatorSpec(mode, loss=F.cross_entropy(logits, labels, reduction="none"))
+    return model_fn
+
+
+@pytest.mark.parametrize(("read", "named"), [
+    (lambda negative: 5.0 if bool(negative.any()) else 0.0, ".item(), bool()"),
+    (lambda negative: negative.sum().item(), ".item(), bool()"),
+    (lambda negative: sum(negative.tolist()), ".tolist(), .cpu()"),
+    (lambda negative: torch.nonzero(negative).shape[0], "aten::nonzero (run on the host)"),
+    (lambda negative: torch.bincount(negative.long(), minlength=2)[1],
+     "aten::bincount (run on the host)"),
+    (lambda negative: torch.unique(negative).numel(), "aten::_unique2 (run on the host)"),
+    (lambda negative: torch.arange(8.0, device=negative.device)[negative].sum(),
+     "aten::nonzero (run on the host)"),
+], ids=["bool", "item", "tolist", "nonzero", "bincount", "unique", "mask"])
+def test_a_host_read_while_traced_refuses_replay_and_names_it(model_dir, caplog, read, named):
+    """The first two batches have no negative feature, later ones do: a replayed program
+    would keep the traced outcome."""
+    def run(replay):
+        estimator = make_estimator(model_dir, fn=_reading_model_fn(read), tpu_config_extra={
+            "replay_inference": replay})
+        CALLS.clear()
+        metrics = estimator.evaluate(lambda params: _positives_first(48, seed=3))
+        logits = _stacked(estimator.predict(lambda params: _positives_first(48, seed=4)),
+                          "logits")
+        return metrics, logits, dict(CALLS)
+
+    traced = run(False)
+    with caplog.at_level(logging.INFO, logger="torch_tpu_estimator"):
+        replayed = run(True)
+    assert "replay_inference: every step is traced, because model_fn reads the device" in \
+        caplog.text
+    assert named in caplog.text
+    assert replayed[2] == traced[2] == {ModeKeys.EVAL: 6, ModeKeys.PREDICT: 6}
+    assert replayed[0] == traced[0] and torch.equal(replayed[1], traced[1])
+
+
+KEPT: list = []
+MODULES: list = []
+
+
+def _keeping_model_fn(model, features, labels, mode, params):
+    """Keeps a tensor of every call in a list and on the module, outside its outputs."""
+    logits = model(features)
+    KEPT.append(logits.sum())
+    model.last_mean = logits.mean()
+    MODULES[:] = [model]
+    return TPUEstimatorSpec(mode, predictions={"logits": logits})
+
+
+def test_replay_keeps_the_values_of_tensors_it_does_not_own(model_dir):
+    """A device tensor the caller made before predict, and tensors model_fn keeps outside its
+    outputs, still hold their values (the traced steps' ones) after a replayed predict."""
+    device = torch_xla.device()
+    total = torch.arange(3.0, device=device) * 10 + 1  # pending, never synced by the caller
+    estimator = make_estimator(model_dir, fn=_keeping_model_fn, tpu_config_extra={
+        "replay_inference": True})
+    KEPT.clear()
+    data = make_data(80, seed=5)
+    logits = _stacked(estimator.predict(lambda params: data), "logits")
+    assert torch.equal(total.cpu(), torch.tensor([1.0, 11.0, 21.0]))
+    assert len(KEPT) == 2  # model_fn ran for the two traced batches of 8
+    for index, kept in enumerate(KEPT):
+        torch.testing.assert_close(kept.cpu(), logits[8 * index:8 * index + 8].sum())
+    torch.testing.assert_close(MODULES[0].last_mean.cpu(), logits[8:16].mean())
+
+
 def test_replay_has_no_effect_on_the_torch_backend(model_dir, tmp_path, caplog):
     make_estimator(tmp_path, use_tpu=False, fn=counted_model_fn).train(
         lambda params: make_data(64), steps=2)
@@ -226,6 +311,7 @@ SPMD_SCRIPT = r"""
 import json, sys
 import torch
 from helpers import make_data, make_estimator, run_fresh
+from torch.utils.data import TensorDataset
 from test_replay import CALLS, counted_model_fn
 
 model_dir = sys.argv[1]

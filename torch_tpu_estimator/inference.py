@@ -100,7 +100,7 @@ class InferenceProgram(ModeProgram):
             return super().group_runner(run_step)
         from .replay import ReplayedGroups  # imports torch_xla, which plain PyTorch runs never do
 
-        return ReplayedGroups(self.trace_group, run_step, self.state.model, self.ctx.replica.device)
+        return ReplayedGroups(self.trace_group, run_step, self.state.model)
 
 
 class EvalProgram(InferenceProgram):

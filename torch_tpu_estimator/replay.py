@@ -6,10 +6,13 @@ lazy tensor core instead traces model_fn and hashes the graph at every step, hos
 a small model costs more than the device's. Replay does what TF does, where it is safe: it
 replays only when the two traced groups compiled the same graph, read their batches' tensors at
 the same places and every other input (weights, constants) with the same values, left the
-model's parameters and buffers as they were, drew no random numbers and took tensors alone as
-input. Otherwise it says why, once, and traces every step as before. As in TF, model_fn's Python
-code then runs for the traced groups only: a Python value it reads that changes later, or a
-tensor it keeps outside its outputs and the model, is not seen.
+model's parameters and buffers as they were, drew no random numbers, took tensors alone as
+input and read nothing back from the device while traced (`.item()`, `bool(tensor)`, an op
+torch_xla runs on the host such as `nonzero`: its outcome would be frozen into the program).
+Otherwise it says why, once, and traces every step as before. As in TF, model_fn's Python
+code then runs for the traced groups only: a Python value it reads that changes later is not
+seen, and a tensor it keeps outside its outputs holds its value from the last traced group.
+Replay never drops the pending work of tensors it does not own.
 """
 
 from __future__ import annotations
@@ -135,10 +138,9 @@ class ReplayedGroups:
     runner). A traced step that changes or replaces one of the model's parameters or buffers
     is not replayed, because the replay would not change it."""
 
-    def __init__(self, trace: GroupRunner, run_step: StepRunner,
-                 model: torch.nn.Module, device: torch.device):
+    def __init__(self, trace: GroupRunner, run_step: StepRunner, model: torch.nn.Module):
         self.trace, self.run_step = trace, run_step
-        self.model, self.state, self.device = model, _state(model), device
+        self.model, self.state = model, _state(model)
         self.plans: dict[int, list[GroupPlan]] = {}  # by group size
         self.declined = False
 
@@ -164,14 +166,18 @@ class ReplayedGroups:
                            spec: TreeSpec) -> list[Any]:
         if any(xla_compat.pending(self.state)):  # restored weights, not yet on the device,
             xla_compat.materialize(self.state)  # would read as model_fn changing them
+        before = xla_compat.host_reads()
         outputs = self.trace(group)
         try:
+            reads = xla_compat.host_reads_since(before)
+            if reads is not None:
+                raise NotReplayable(f"model_fn reads the device while it is traced ({reads}): "
+                                    "a replay would repeat what the traced steps read")
             plan, computed = self._plan(outputs, tensors, spec)
         except NotReplayable as reason:
             self._decline(reason)
             return outputs  # still pending: the step runner runs them as traced steps
-        plan = dataclasses.replace(plan, graph_hash=xla_compat.compile_graph(computed,
-                                                                             self.device))
+        plan = dataclasses.replace(plan, graph_hash=xla_compat.compile_graph(computed))
         plans = self.plans.setdefault(len(group), [])
         plans.append(plan)
         if len(plans) == TRACED_GROUPS:

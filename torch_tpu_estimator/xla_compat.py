@@ -1,10 +1,10 @@
 """Every private or patched torch_xla use, in one place, checked against the pinned release.
 
 The estimator relies on a few torch_xla internals that have no public equivalent in 2.9: reading
-an exporter's HLO as it lowers, running an HLO computation inside the lazy graph, stopping a
-device loader's threads, converting device trees to CPU in one transfer, compiling a traced
-graph and running it again on new inputs (replay.py). Each is wrapped here, so that a new
-torch_xla release is checked and followed in this file only.
+an exporter's HLO as it lowers, running an HLO computation inside the lazy graph, converting
+device trees to CPU in one transfer, compiling a traced graph and running it again on new
+inputs, and telling what read the device while a step was traced (replay.py). Each is wrapped
+here, so that a new torch_xla release is checked and followed in this file only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from unittest import mock
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -151,14 +152,40 @@ def rng_seed_id() -> int:
     return torch_xla._XLAC._get_seed_info_id()
 
 
-def compile_graph(outputs: list[torch.Tensor], device: torch.device) -> str:
-    """Compiles the pending graph of `outputs` into torch_xla's cache without running it, drops
-    every pending operation on `device`, and returns the graph's hash for run_compiled (what
-    torch_xla's dynamo bridge does with a traced graph)."""
+def compile_graph(outputs: list[torch.Tensor]) -> str:
+    """Compiles the pending graph of `outputs` into torch_xla's cache without running it and
+    returns the graph's hash for run_compiled. Unlike torch_xla's dynamo bridge it leaves every
+    tensor's pending operations in place: a tensor the caller or model_fn still holds keeps
+    its value (the next graph cut runs it), and the traced outputs, once dropped, cost nothing."""
     graph_hash = torch_xla._XLAC._get_graph_hash(outputs)
     torch_xla._XLAC._xla_warm_up_cache(outputs, [])
-    torch_xla._XLAC._clear_pending_irs(str(device))
     return graph_hash
+
+
+_TRANSFERS = "device-to-host transfers"
+
+
+def host_reads() -> dict[str, int]:
+    """How often this process has read the device so far: device-to-host transfers, and each
+    op torch_xla ran on the host because XLA cannot (its `aten::<op>` counters), by name."""
+    counts = {name: met.counter_value(name) for name in met.counter_names()
+              if name.startswith("aten::")}
+    counts[_TRANSFERS] = (met.metric_data("TransferFromDeviceTime") or (0,))[0]
+    return counts
+
+
+def host_reads_since(before: dict[str, int]) -> str | None:
+    """What read the device since `before` (host_reads()), in words; None if nothing did."""
+    grown = {name: count - before.get(name, 0) for name, count in host_reads().items()
+             if count > before.get(name, 0)}
+    if not grown:
+        return None
+    ops = [name for name in sorted(grown) if name != _TRANSFERS]
+    words = [".item(), bool(), int() or float() of a tensor" if name == "aten::_local_scalar_dense"
+             else f"{name} (run on the host)" for name in ops]
+    if not ops:
+        words = [".tolist(), .cpu(), .numpy() or printing a device tensor"]
+    return f"{', '.join(words)}; {grown.get(_TRANSFERS, 0)} device-to-host transfer(s)"
 
 
 def run_compiled(graph_hash: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
