@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 import torch_xla
 from helpers import make_data, make_estimator, run_fresh
-from torch.utils.data import TensorDataset
 from test_eval_predict import metric_fn
+from torch.utils.data import TensorDataset
 
 from torch_tpu_estimator import ModeKeys, TPUConfig, TPUEstimatorSpec
 from torch_tpu_estimator.replay import GroupPlan, Source

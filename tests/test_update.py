@@ -4,6 +4,8 @@ charge of the update with two optimizers (a GAN) that resumes bit for bit."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from torch.utils.data import TensorDataset
 
 from torch_tpu_estimator import (
     DatasetConfig,
+    EstimatorSpec,
     ModeKeys,
     RunConfig,
     TPUConfig,
@@ -29,6 +32,7 @@ from torch_tpu_estimator import (
     UpdateConfig,
 )
 from torch_tpu_estimator.checkpoint import latest_checkpoint
+from torch_tpu_estimator.data import TensorSlices
 from torch_tpu_estimator.flat_update import FlatAdam
 from torch_tpu_estimator.run_state import Checkpoint
 
@@ -179,9 +183,10 @@ class LateLayer(torch.nn.Module):
         return logits + self.late(features) if self.calls > 1 else logits
 
 
-def _flat_and_torch_states(tmp_path, monkeypatch, optimizer_fn, model_init_fn=None):
-    """The checkpointed weights and update state after 7 steps with the flat optimizer and with
-    torch's own, and how many steps took the flat path."""
+def _flat_and_torch_states(tmp_path, monkeypatch, optimizer_fn, model_init_fn=None,
+                           fn=model_fn, steps=7, **update):
+    """The checkpointed weights and update state after `steps` steps with the flat optimizer
+    and with torch's own, and how many optimizer steps took the flat path."""
     flat_calls = []
     original = FlatAdam._step
     monkeypatch.setattr(FlatAdam, "_step", lambda self, *args: (flat_calls.append(1),
@@ -189,9 +194,9 @@ def _flat_and_torch_states(tmp_path, monkeypatch, optimizer_fn, model_init_fn=No
     states = {}
     for flat in (True, False):
         estimator = make_estimator(tmp_path / str(flat), optimizer_fn=optimizer_fn,
-                                   model_init_fn=model_init_fn, iterations_per_loop=3,
-                                   update_config=UpdateConfig(flat_optimizer=flat))
-        estimator.train(lambda params: make_data(64), steps=7)
+                                   model_init_fn=model_init_fn, fn=fn, iterations_per_loop=3,
+                                   update_config=UpdateConfig(flat_optimizer=flat, **update))
+        estimator.train(lambda params: make_data(64), steps=steps)
         saved = Checkpoint.load(estimator.latest_checkpoint())
         states[flat] = {"model": saved.model_weights, **saved.update_state()}
     return states[True], states[False], len(flat_calls)
@@ -206,6 +211,113 @@ def test_the_flat_adam_updates_bit_for_bit_like_torch(tmp_path, monkeypatch, rec
     assert steps == flat_steps  # a layer that sat a step out: torch's update from then on
     assert same_values(flat, torch_own)
     assert not [warning for warning in recwarn if "lr_scheduler" in str(warning.message)]
+
+
+class Shared(torch.nn.Module):
+    """A trunk that two heads, each with its own optimizer, share."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.one, self.two = (torch.nn.Linear(8, 8), torch.nn.Linear(8, 2),
+                                          torch.nn.Linear(8, 2))
+
+
+def _two_heads_model_fn(model, features, labels, mode, update):
+    first = F.cross_entropy(model.one(model.trunk(features)), labels)
+    update.step(first, "one")
+    second = F.cross_entropy(model.two(model.trunk(features)), labels)
+    update.step(second, "two")
+    return TPUEstimatorSpec(mode, loss=first.detach())
+
+
+def _two_optimizers_sharing_the_trunk(model, params):
+    return {"one": torch.optim.Adam([*model.trunk.parameters(), *model.one.parameters()], lr=0.01),
+            "two": torch.optim.Adam([*model.trunk.parameters(), *model.two.parameters()], lr=0.01)}
+
+
+def _clamping_model_fn(model, features, labels, mode, params):
+    """A weight constraint the common way: the first layer's weight replaced by its clamp."""
+    weight = model.layers[0].weight
+    weight.data = weight.data.clamp(-0.2, 0.2)
+    return model_fn(model, features, labels, mode, params)
+
+
+class Unfrozen(torch.nn.Module):
+    """A second layer trained from step 3 on (the usual unfreezing with add_param_group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 2), torch.nn.Linear(8, 2)
+
+    def forward(self, features):
+        return self.first(features) + self.second(features)
+
+
+def _unfreezing_model_fn(model, features, labels, mode, params, update):
+    if update.global_step == 3:
+        update.optimizers["default"].add_param_group({"params": model.module_to_unfreeze()})
+    return model_fn(model, features, labels, mode, params)
+
+
+Unfrozen.module_to_unfreeze = lambda self: list(self.second.parameters())
+
+
+class EveryOtherStep(torch.nn.Module):
+    """A layer that only odd steps use: its parameters have no gradient on even steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.sometimes, self.calls = torch.nn.Linear(8, 2), torch.nn.Linear(8, 2), 0
+
+    def forward(self, features):
+        self.calls += 1
+        logits = self.first(features)
+        return logits + self.sometimes(features) if self.calls % 2 else logits
+
+
+def _frozen_bias(params):
+    net = Net()
+    net.layers[0].bias.requires_grad_(False)
+    return net
+
+
+def _adam(model, params):
+    return torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("case, reason", [
+    (dict(fn=_two_heads_model_fn, model_init_fn=lambda params: Shared(),
+          optimizer_fn=_two_optimizers_sharing_the_trunk), "optimizers ['one', 'two'] share"),
+    (dict(fn=_clamping_model_fn), "a parameter's data was replaced (param.data = ...)"),
+    (dict(fn=_unfreezing_model_fn, model_init_fn=lambda params: Unfrozen(),
+          optimizer_fn=lambda model, params: torch.optim.Adam(model.first.parameters(), lr=0.01)),
+     "its parameter groups changed (add_param_group)"),
+    (dict(model_init_fn=lambda params: EveryOtherStep()), "a parameter has no gradient"),
+    (dict(model_init_fn=_frozen_bias), "a parameter has no gradient"),
+], ids=["shared_by_two_optimizers", "data_replaced", "add_param_group", "unused_on_some_steps",
+        "frozen"])
+def test_the_flat_adam_hands_what_it_does_not_cover_to_torch_exactly(
+        tmp_path, monkeypatch, caplog, case, reason):
+    """Each case gives torch's own Adam's numbers bit for bit, and the log says why the flat
+    path stepped aside."""
+    case = {"optimizer_fn": _adam, **case}
+    with caplog.at_level(logging.INFO, logger="torch_tpu_estimator"):
+        flat, torch_own, _ = _flat_and_torch_states(tmp_path, monkeypatch, **case)
+    assert same_values(flat, torch_own)
+    assert "flat_optimizer: " in caplog.text and reason in caplog.text
+
+
+def test_the_flat_adam_with_clipping_stays_within_float32_roundings_of_torch(tmp_path,
+                                                                             monkeypatch):
+    """Clipping scales the gradients before the flat buffer is made, and XLA fuses that scale
+    into torch's per-parameter update (one rounding, a fused multiply-add) but not into the
+    flat one: a float32 rounding apart per step. After 50 steps the weights (|w| < 1.2) stay
+    within 1e-6; README, Speed, gives the 300-step figure."""
+    flat, torch_own, steps = _flat_and_torch_states(tmp_path, monkeypatch, _adam, steps=50,
+                                                    clip_global_norm=0.05)
+    assert steps == 50
+    for name, value in torch_own["model"].items():
+        torch.testing.assert_close(flat["model"][name], value, rtol=0, atol=1e-6)
 
 
 def test_the_flat_adamw_with_weight_decay_is_within_a_rounding_of_torch(tmp_path, monkeypatch):
@@ -362,3 +474,181 @@ def test_a_model_fn_argument_that_cannot_be_bound_fails_before_any_work(tmp_path
                                          r"cannot be bound"):
         make_estimator(tmp_path, fn=unknown_argument)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- model_fn stepping torch optimizers itself, TF's one-forward pattern, train_op -----------
+
+def _sgd_with_schedule(model, params):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+
+
+def _stepping_itself(model, features, labels, mode, params, update):
+    """The hand-written loop inside model_fn: zero_grad, backward, step, as in torch."""
+    loss = F.cross_entropy(model(features), labels)
+    optimizer = update.optimizers["default"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return TPUEstimatorSpec(mode, loss=loss.detach())
+
+
+STEPPING_ITSELF = r"""
+import json, sys, torch
+from helpers import make_data, make_estimator, model_fn
+from test_update import _sgd_with_schedule, _stepping_itself
+fn = {"itself": _stepping_itself, "built_in": model_fn}[sys.argv[1]]
+kwargs = {"xla": {}, "gloo2": {"use_tpu": False, "num_shards": 2}}[sys.argv[2]]
+estimator = make_estimator(sys.argv[3], fn=fn, optimizer_fn=_sgd_with_schedule, **kwargs)
+estimator.train(lambda params: make_data(64), steps=5)
+saved = torch.load(estimator.latest_checkpoint(), weights_only=True)
+print(json.dumps({"model": {name: value.tolist() for name, value in saved["model"].items()},
+                  "epoch": saved["schedulers"]["default"]["last_epoch"]}))
+"""
+
+
+@pytest.mark.parametrize("layout", ["xla", "gloo2"])
+def test_a_model_fn_stepping_its_optimizer_itself_updates_once_per_step(tmp_path, layout):
+    """optimizer.step() in model_fn puts it in charge: one update a step, not two, with the
+    gradients averaged over replicas first and the LR scheduler stepped once."""
+    runs = {fn: run_fresh(STEPPING_ITSELF, fn, layout, tmp_path / fn)
+            for fn in ("itself", "built_in")}
+    assert runs["itself"] == runs["built_in"]
+    assert runs["itself"]["epoch"] == 5
+
+
+def _both_stepping_themselves(model, features, mode, update):
+    real, fake = model.discriminator(features), model.discriminator(
+        model.generator(features).detach())
+    d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+    update.optimizers["discriminator"].zero_grad()
+    d_loss.backward()
+    update.optimizers["discriminator"].step()
+    g_loss = F.softplus(-model.discriminator(model.generator(features))).mean()
+    update.optimizers["generator"].zero_grad()
+    g_loss.backward()
+    update.optimizers["generator"].step()
+    return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
+
+
+def _both_with_update_step(model, features, mode, update):
+    real, fake = model.discriminator(features), model.discriminator(
+        model.generator(features).detach())
+    d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+    update.step(d_loss, "discriminator")
+    g_loss = F.softplus(-model.discriminator(model.generator(features))).mean()
+    update.step(g_loss, "generator")
+    return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
+
+
+def test_two_optimizers_stepped_by_model_fn_equal_update_step(tmp_path):
+    def final(name, fn):
+        estimator = gan_estimator(tmp_path / name, fn=fn)
+        estimator.train(lambda params: gan_data(), steps=6)
+        return torch.load(estimator.latest_checkpoint(), weights_only=True)
+
+    itself, built_in = final("itself", _both_stepping_themselves), final(
+        "update_step", _both_with_update_step)
+    assert same_values(itself["model"], built_in["model"])
+    assert itself["schedulers"] == built_in["schedulers"]
+
+
+def _stepping_under_accumulation(model, features, labels, mode, params):
+    loss = F.cross_entropy(model(features), labels)
+    loss.backward()
+    OPTIMIZERS[0].step()
+    return TPUEstimatorSpec(mode, loss=loss)
+
+
+OPTIMIZERS: list = []
+
+
+def test_stepping_an_optimizer_under_accumulation_is_a_clear_error(tmp_path):
+    def keeping_sgd(model, params):
+        OPTIMIZERS[:] = [torch.optim.SGD(model.parameters(), lr=0.1)]
+        return OPTIMIZERS[0]
+
+    estimator = make_estimator(tmp_path, fn=_stepping_under_accumulation,
+                               optimizer_fn=keeping_sgd,
+                               update_config=UpdateConfig(accumulation_steps=2))
+    with pytest.raises(ValueError, match=r"model_fn stepped optimizer 'default' itself while "
+                                         r"UpdateConfig\(accumulation_steps\) drives the update"):
+        estimator.train(lambda params: make_data(64), steps=1)
+
+
+class NoiseGAN(torch.nn.Module):
+    """TF's DCGAN in miniature: the generator maps the batch's noise feature to samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.nn.Linear(2, 2)
+        self.discriminator = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(),
+                                                 torch.nn.Linear(4, 1))
+
+
+def _losses(model, features):
+    """One forward pass: both networks' losses, as TF's DCGAN model_fn computes them."""
+    fake = model.generator(features["random_noise"])
+    real_logits = model.discriminator(features["real_images"])
+    fake_logits = model.discriminator(fake)
+    d_loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    g_loss = F.softplus(-fake_logits).mean()
+    return d_loss, g_loss
+
+
+def _tf_dcgan_model_fn(model, features, mode, update):
+    d_loss, g_loss = _losses(model, features)
+    update.minimize({"discriminator": d_loss, "generator": g_loss})
+    return TPUEstimatorSpec(mode, loss=d_loss.detach())
+
+
+def _retained_graph_model_fn(model, features, mode, update):
+    d_loss, g_loss = _losses(model, features)
+    update.backward(d_loss, "discriminator", retain_graph=True)
+    update.backward(g_loss, "generator")
+    update.apply("discriminator")
+    update.apply("generator")
+    return TPUEstimatorSpec(mode, loss=d_loss.detach())
+
+
+def _noise_data() -> TensorSlices:
+    generator = torch.Generator().manual_seed(3)
+    return TensorSlices({"real_images": torch.randn(16, 2, generator=generator) + 2.0,
+                         "random_noise": torch.randn(16, 2, generator=generator)})
+
+
+@pytest.mark.parametrize("fn", [_tf_dcgan_model_fn, _retained_graph_model_fn],
+                         ids=["minimize", "backward_retain_graph_then_apply"])
+def test_tf_gans_one_forward_then_both_updates_equal_a_hand_computation(tmp_path, fn):
+    """Both networks' gradients come from the same forward pass and the same weights (TF's
+    tf.group of two minimize ops with var_lists), then both SGD steps apply."""
+    lr = 0.5
+    estimator = TPUEstimator(
+        model_fn=fn, model_init_fn=lambda params: NoiseGAN(), model_dir=str(tmp_path),
+        optimizer_fn=lambda model, params: {
+            name: torch.optim.SGD(getattr(model, name).parameters(), lr=lr)
+            for name in ("generator", "discriminator")},
+        train_batch_size=16, config=RunConfig(dataset_config=DatasetConfig(shuffle=False)))
+    estimator.train(lambda params: _noise_data(), steps=1)
+    torch.manual_seed(0)  # RunConfig.seed seeds model_init_fn
+    model = NoiseGAN()
+    d_loss, g_loss = _losses(model, _noise_data().rows(torch.arange(16)))
+    discriminator, generator = (list(model.discriminator.parameters()),
+                                list(model.generator.parameters()))
+    d_grads = torch.autograd.grad(d_loss, discriminator, retain_graph=True)
+    g_grads = torch.autograd.grad(g_loss, generator)
+    expected = {f"discriminator.{name}": value - lr * grad for (name, value), grad in zip(
+        model.discriminator.named_parameters(), d_grads, strict=True)}
+    expected.update({f"generator.{name}": value - lr * grad for (name, value), grad in zip(
+        model.generator.named_parameters(), g_grads, strict=True)})
+    for name, value in expected.items():
+        torch.testing.assert_close(torch.from_numpy(estimator.get_variable_value(name)),
+                                   value.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_spec_with_train_op_says_to_use_the_update_argument():
+    with pytest.raises(TypeError, match=r"TPUEstimatorSpec takes no train_op.*take an argument "
+                                        r"named `update`.*update.minimize"):
+        TPUEstimatorSpec(ModeKeys.TRAIN, loss=torch.zeros(()), train_op=object())
+    with pytest.raises(TypeError, match="EstimatorSpec takes no train_op"):
+        EstimatorSpec(ModeKeys.TRAIN, loss=torch.zeros(()), train_op=object())

@@ -32,6 +32,8 @@ class TPUEstimatorSpec:
     predictions: tensor or dict of tensors whose first axis is the batch (PREDICT).
     host_call: (fn, tensors) run on the host at window ends in TRAIN, for custom summaries.
     export_outputs: dict of output tensors for export; defaults to `predictions`.
+    TF's `train_op` and `scaffold_fn` have no equivalent: giving one is a TypeError that says
+    what to do instead.
     """
 
     mode: str
@@ -43,6 +45,11 @@ class TPUEstimatorSpec:
     training_hooks: Sequence[Any] = ()
     evaluation_hooks: Sequence[Any] = ()
     prediction_hooks: Sequence[Any] = ()
+    train_op: dataclasses.InitVar[Any] = None
+    scaffold_fn: dataclasses.InitVar[Any] = None
+
+    def __post_init__(self, train_op: Any, scaffold_fn: Any) -> None:
+        _refuse_tf_only(type(self).__name__, train_op, scaffold_fn)
 
 
 @dataclasses.dataclass
@@ -62,6 +69,26 @@ class EstimatorSpec:
     evaluation_hooks: Sequence[Any] = ()
     prediction_hooks: Sequence[Any] = ()
     host_call: None = dataclasses.field(default=None, init=False)
+    train_op: dataclasses.InitVar[Any] = None
+    scaffold: dataclasses.InitVar[Any] = None
+
+    def __post_init__(self, train_op: Any, scaffold: Any) -> None:
+        _refuse_tf_only(type(self).__name__, train_op, scaffold)
+
+
+def _refuse_tf_only(spec: str, train_op: Any, scaffold: Any) -> None:
+    """TF's graph-only spec fields, refused with what replaces them here."""
+    if train_op is not None:
+        raise TypeError(
+            f"{spec} takes no train_op: in PyTorch the update is not an op of a graph. Return "
+            "the loss and the estimator runs the update with optimizer_fn's optimizer, or let "
+            "model_fn run it: take an argument named `update` and call update.step(loss, name) "
+            "or, for TF's tf.group of several minimize ops, update.minimize({name: loss, ...}) "
+            "(README: The update step)")
+    if scaffold is not None:
+        raise TypeError(
+            f"{spec} takes no scaffold: build the module in model_init_fn, and initialize it "
+            "from a checkpoint with TPUEstimator(warm_start_from=...)")
 
 
 def _check_fn_and_tensors(name: str, value: Any) -> None:

@@ -13,13 +13,23 @@ update itself, with as many optimizers as optimizer_fn returned (a dict of them)
         update.step(g_loss, "generator")
         return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
 
-or, below that, `update.backward(loss)`, `update.reduce_gradients(name)`,
+TF's pattern, every network's gradients from one forward pass, then every update (as
+`tf.group(d_opt.minimize(d_loss, var_list=d_vars), g_opt.minimize(g_loss, var_list=g_vars))`):
+
+        update.minimize({"discriminator": d_loss, "generator": g_loss})
+
+or, below that, `update.backward(loss, name)` (the gradients of `loss` for that optimizer's
+parameters alone), `update.apply(name)`, `update.reduce_gradients(name)`,
 `update.clip_grad_norm(max_norm, name)` and the optimizers themselves (`update.optimizers`).
-Whatever it keeps (optimizers, schedulers, EMA) is in the checkpoint and resumes bit for bit.
+An optimizer's own `step()` called in model_fn also puts model_fn in charge: its gradients are
+averaged over replicas just before (unless model_fn already called reduce_gradients), and its LR
+scheduler is stepped after model_fn unless model_fn stepped it. Whatever the update keeps
+(optimizers, schedulers, EMA) is in the checkpoint and resumes bit for bit.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +40,8 @@ from .config import UpdateConfig
 from .flat_update import FlatAdam, flattenable
 from .runtime.base import Progress, Replica
 from .tree import map_tensors
+
+logger = logging.getLogger("torch_tpu_estimator")
 
 DEFAULT_OPTIMIZER = "default"
 
@@ -107,6 +119,15 @@ def _joined(trees: list[Any]) -> Any:
                     else leaves[0], *trees)
 
 
+def _shared(optimizers: Mapping[str, torch.optim.Optimizer]) -> set[str]:
+    """The optimizers that hold a parameter another one holds too."""
+    owners: dict[int, set[str]] = {}
+    for name, optimizer in optimizers.items():
+        for parameter in _parameters(optimizer):
+            owners.setdefault(id(parameter), set()).add(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
 class UpdateStep:
     """The training update of one replica: its optimizers, schedulers and EMA, and the step."""
 
@@ -115,14 +136,30 @@ class UpdateStep:
                  config: UpdateConfig):
         self.replica, self.config = replica, config
         self.optimizers, self.schedulers = optimizers, schedulers
-        # the optimizer steps: torch's, or the same Adam over flat buffers (flat_update.py)
-        self._steppers = {name: FlatAdam(optimizer).step
-                          if config.flat_optimizer and not replica.shards_parameters
-                          and flattenable(optimizer) else optimizer.step
-                          for name, optimizer in optimizers.items()}
+        self._steppers = self._make_steppers()
+        for name, optimizer in optimizers.items():
+            optimizer.register_step_pre_hook(
+                lambda optimizer, args, kwargs, name=name: self._stepped_by_model_fn(name))
         self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
         self.global_step = 0  # the step being run, counted from 1
         self.took_charge = False  # whether model_fn ran an update in this step
+        self._applying: str | None = None  # the optimizer the built-in update is stepping
+        self._reduced: set[str] = set()  # optimizers whose gradients this step averaged
+        self._stepped_directly: set[str] = set()  # optimizers model_fn stepped itself
+        self._accumulating = False
+
+    def _make_steppers(self) -> dict[str, Callable[[], None]]:
+        """Each optimizer's step: torch's, or the same Adam over flat buffers (flat_update.py)
+        where that is exact."""
+        if not self.config.flat_optimizer or self.replica.shards_parameters:
+            return {name: optimizer.step for name, optimizer in self.optimizers.items()}
+        shared = _shared(self.optimizers)
+        if shared:
+            logger.info("flat_optimizer: optimizers %s share parameters, so torch's own step "
+                        "updates them (one flat buffer per parameter)", sorted(shared))
+        return {name: FlatAdam(optimizer, name).step
+                if name not in shared and flattenable(optimizer) else optimizer.step
+                for name, optimizer in self.optimizers.items()}
 
     def _named(self, name: str | None) -> str:
         if name is None:
@@ -135,13 +172,35 @@ class UpdateStep:
                              f"{sorted(self.optimizers)}")
         return name
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward(): gradients of this replica's batch (not yet averaged). Called from
-        model_fn, it puts model_fn in charge of this step's update (no built-in one after)."""
+    def _stepped_by_model_fn(self, name: str) -> None:
+        """An optimizer's step() was called (its pre-hook): by model_fn itself unless the
+        built-in update is the caller. model_fn then runs this step's update; the gradients
+        are averaged over replicas first, as xm.optimizer_step does."""
+        if self._applying == name:
+            return
+        if self._accumulating:
+            raise ValueError(
+                f"model_fn stepped optimizer {name!r} itself while UpdateConfig("
+                "accumulation_steps) drives the update: accumulation runs the built-in update "
+                "once per step; accumulate in model_fn instead, with accumulation_steps=1")
+        self.took_charge = True
+        self._stepped_directly.add(name)
+        if name not in self._reduced:
+            self.reduce_gradients(name)
+
+    def backward(self, loss: torch.Tensor, optimizer: str | None = None, *,
+                 retain_graph: bool = False) -> None:
+        """loss.backward(): gradients of this replica's batch (not yet averaged); with
+        `optimizer`, for that optimizer's parameters alone (TF's var_list). `retain_graph`
+        keeps the graph for another backward through it. Called from model_fn, it puts
+        model_fn in charge of this step's update (no built-in one after)."""
         self.took_charge = True
         self.replica.heartbeat(Progress.UPDATE, self.global_step)
+        inputs = None if optimizer is None else [
+            parameter for parameter in _parameters(self.optimizers[self._named(optimizer)])
+            if parameter.requires_grad]
         try:
-            loss.backward()
+            torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph)
         except RuntimeError as error:
             if "device_ready_queues_" not in str(error):
                 raise
@@ -154,7 +213,9 @@ class UpdateStep:
     def reduce_gradients(self, optimizer: str | None = None) -> None:
         """Averages the gradients of an optimizer's parameters over replicas (a no-op with one
         replica, and on an SPMD mesh, where the compiler already reduced them)."""
-        self.replica.reduce_gradients(_parameters(self.optimizers[self._named(optimizer)]))
+        name = self._named(optimizer)
+        self._reduced.add(name)
+        self.replica.reduce_gradients(_parameters(self.optimizers[name]))
 
     def clip_grad_norm(self, max_norm: float, optimizer: str | None = None) -> torch.Tensor:
         """Scales an optimizer's gradients to a global L2 norm of at most `max_norm`; returns
@@ -169,22 +230,42 @@ class UpdateStep:
         self.took_charge = True
         name = self._named(optimizer)
         self.replica.heartbeat(Progress.UPDATE, self.global_step)
-        self.reduce_gradients(name)
+        if name not in self._reduced:
+            self.reduce_gradients(name)
         norm = None
         if self.config.clip_global_norm is not None:
             norm = self.clip_grad_norm(self.config.clip_global_norm, name)
-        self._steppers[name]()
+        self._applying = name
+        try:
+            self._steppers[name]()
+        finally:
+            self._applying = None
         if self.schedulers[name] is not None:
             self.schedulers[name].step()
         return norm
 
     def step(self, loss: torch.Tensor, optimizer: str | None = None) -> torch.Tensor | None:
         """The whole update of one optimizer from `loss`, run inside model_fn: zero its
-        gradients, backward, then apply(). Returns the norm before clipping."""
+        gradients, backward (for its parameters), then apply(). Returns the norm before
+        clipping."""
         name = self._named(optimizer)
         self.optimizers[name].zero_grad(set_to_none=True)
-        self.backward(loss)
+        self.backward(loss, name)
         return self.apply(name)
+
+    def minimize(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """TF's `tf.group(opt.minimize(loss, var_list=...), ...)`: each named optimizer's
+        gradients of its own loss, all from the same forward pass and the same weights, then
+        each update (apply). Returns each optimizer's gradient norm before clipping."""
+        if not isinstance(losses, Mapping) or not losses:
+            raise TypeError("update.minimize takes a dict of optimizer name -> loss, got "
+                            f"{losses!r}")
+        names = [self._named(name) for name in losses]
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        for index, (name, loss) in enumerate(zip(names, losses.values(), strict=True)):
+            self.backward(loss, name, retain_graph=index < len(names) - 1)
+        return {name: self.apply(name) for name in names}
 
     def run(self, call_model_fn: Callable[[Any, Any, dict, UpdateStep | None], Any],
             features: Any, labels: Any, params: dict, step: int) -> Any:
@@ -192,21 +273,37 @@ class UpdateStep:
         the built-in update unless model_fn ran its own. Returns model_fn's spec, its loss (and
         host_call tensors) joined over micro-batches."""
         self.global_step, self.took_charge = step, False
+        self._reduced, self._stepped_directly = set(), set()
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         count = self.config.accumulation_steps
         if count == 1:
+            epochs = {name: scheduler.last_epoch for name, scheduler in self.schedulers.items()
+                      if scheduler is not None}
             spec = call_model_fn(features, labels, params, self)
             if not self.took_charge:
                 self._require_one_optimizer()
                 self.backward(spec.loss)
                 self.apply()
+            self._step_schedulers_left(epochs)
         else:
-            spec = self._accumulated(call_model_fn, features, labels, params, count)
+            self._accumulating = True
+            try:
+                spec = self._accumulated(call_model_fn, features, labels, params, count)
+            finally:
+                self._accumulating = False
             self.apply()
         if self.ema is not None:
             self.ema.update()
         return spec
+
+    def _step_schedulers_left(self, epochs: Mapping[str, int]) -> None:
+        """Steps the scheduler of each optimizer model_fn stepped itself, unless model_fn
+        stepped that scheduler too: optimizer_fn handed the scheduler to the estimator."""
+        for name in sorted(self._stepped_directly):
+            scheduler = self.schedulers[name]
+            if scheduler is not None and scheduler.last_epoch == epochs[name]:
+                scheduler.step()
 
     def _accumulated(self, call_model_fn: Callable[..., Any], features: Any, labels: Any,
                      params: dict, count: int) -> Any:
