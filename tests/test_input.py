@@ -4,11 +4,14 @@ torch's intra-op threads."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
 import tracemalloc
 
+import numpy as np
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -101,3 +104,137 @@ def test_fetching_batches_does_not_depend_on_intra_op_threads():
     finally:
         torch.set_num_threads(threads)
     assert several < 2 * one + 50, (one, several)
+
+
+# --- every kind of input, each example once per pass ----------------------------------------
+
+class Examples(torch.utils.data.Dataset):
+    """A map-style Dataset of its own (not a TensorDataset): batched through a DataLoader."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        return torch.tensor(index), torch.tensor(index % 2)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, count: int):
+        self.count = count
+
+    def __iter__(self):
+        return ((torch.tensor(index), torch.tensor(index % 2)) for index in range(self.count))
+
+
+class FreshCopies:
+    """torch_xla's SampleGenerator: __iter__ returns a new object that is an iterator itself
+    and whose own __iter__ returns yet another fresh copy."""
+
+    def __init__(self, batches: list, start: int = 0):
+        self.batches, self.next_index = batches, start
+
+    def __iter__(self):
+        return FreshCopies(self.batches)
+
+    def __next__(self):
+        if self.next_index == len(self.batches):
+            raise StopIteration
+        self.next_index += 1
+        return self.batches[self.next_index - 1]
+
+
+def _batches_of(count: int, size: int) -> list:
+    ids = torch.arange(count)
+    return [(ids[start:start + size], ids[start:start + size] % 2)
+            for start in range(0, count, size)]
+
+
+KINDS = {
+    "tensor_dataset": lambda count: TensorDataset(torch.arange(count), torch.arange(count) % 2),
+    "dataset": Examples,
+    "iterable_dataset": Stream,
+    "data_loader": lambda count: torch.utils.data.DataLoader(Examples(count), batch_size=4),
+    "list_of_batches": lambda count: _batches_of(count, 4),
+    "fresh_copies": lambda count: FreshCopies(_batches_of(count, 4)),
+    "one_shot": lambda count: iter(_batches_of(count, 4)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_kind_of_input_gives_each_example_once_per_pass(kind):
+    """Evaluate's pass over 10 examples (the last batch padded) and a training pass over 12,
+    for every kind of input the README lists."""
+    evaluated = list(_pipeline(KINDS[kind](10)).batches())
+    real = [row for batch in evaluated for row in batch.features[:batch.num_real].tolist()]
+    assert real == list(range(10))
+    training = _pipeline(KINDS[kind](12), ModeKeys.TRAIN)  # map-style kinds are shuffled
+    training.one_pass = True
+    assert sorted(row for batch in training.batches() for row in batch.features.tolist()) == \
+        list(range(12))
+
+
+# --- random draws in the input: a function of the run seed and the position ------------------
+
+class Noisy(torch.utils.data.Dataset):
+    """Each read draws from torch's, Python's and NumPy's generators."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int):
+        return torch.tensor([index + torch.rand(()).item(), random.random(),
+                             float(np.random.rand())])
+
+
+class NoisyStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return (torch.tensor([index, torch.rand(()).item(), random.random()])
+                for index in range(24))
+
+
+def _noisy_batches():
+    """A re-iterable of batches that draws each batch when it is read."""
+    class Batches:
+        def __iter__(self):
+            return (torch.randn(4, 2) + index for index in range(6))
+    return Batches()
+
+
+def _host_states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()
+
+
+def _read(pipeline: InputPipeline, start: InputPosition, count: int) -> list[torch.Tensor]:
+    return [batch.features for batch, _ in zip(pipeline.batches(start), range(count),
+                                               strict=False)]
+
+
+@pytest.mark.parametrize("source", [Noisy, NoisyStream, _noisy_batches],
+                         ids=["dataset", "iterable_dataset", "batches"])
+def test_random_draws_in_the_input_depend_on_the_position_not_on_the_run_s_state(source):
+    """Batches read from the middle of a pass, after other draws, equal those read through
+    from its start; the run's own generators are left as they were."""
+    per_pass = 6  # batches of 4
+    whole = _read(_pipeline(source(), ModeKeys.TRAIN), InputPosition(), 2 * per_pass)
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    before = _host_states()
+    resumed = _read(_pipeline(source(), ModeKeys.TRAIN), InputPosition(1, 2), 3)
+    assert _host_states()[0].equal(before[0]) and _host_states()[1:] == before[1:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole[per_pass + 2:per_pass + 5],
+                                                 strict=True))
+    assert not torch.equal(whole[0], whole[per_pass])  # another pass draws anew
+
+
+def test_each_example_draws_the_same_whatever_process_reads_it():
+    """Two processes, each reading half of every global batch, get the rows one process
+    reads, random draws included (each example seeded by its index)."""
+    one = torch.cat(_read(_pipeline(Noisy(), ModeKeys.TRAIN, batch_size=8), InputPosition(), 3))
+    halves = [_read(_pipeline(Noisy(), ModeKeys.TRAIN, batch_size=8, keep_index=index,
+                              keep_count=2), InputPosition(), 3) for index in range(2)]
+    two = torch.cat([torch.cat(pair) for pair in zip(*halves, strict=True)])
+    assert torch.equal(one, two)

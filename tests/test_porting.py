@@ -28,6 +28,7 @@ from torch_tpu_estimator import (
     checkpoint,
 )
 from torch_tpu_estimator.context import ModeContext
+from torch_tpu_estimator.data import TensorSlices
 from torch_tpu_estimator.job import Job
 from torch_tpu_estimator.runtime.base import Topology
 from torch_tpu_estimator.runtime.torch_dist import TorchReplica
@@ -84,6 +85,51 @@ def test_predict_passes_labels_none_as_tf_does(tmp_path):
     estimator.train(lambda params: make_data(16), steps=1)
     list(estimator.predict(lambda params: make_data(8)))  # the Dataset holds labels
     assert seen == [(ModeKeys.TRAIN, False), (ModeKeys.PREDICT, True)]
+
+
+def _noise_input_fn(params):
+    """TF's DCGAN noise_input_fn: one batch of noise features returned as they are."""
+    noise = torch.randn(params["batch_size"], 8, generator=torch.Generator().manual_seed(0))
+    return {"random_noise": noise}, None
+
+
+def test_an_input_fn_returning_features_and_none_is_one_batch_as_in_tf(tmp_path):
+    def noise_model_fn(features, mode, model):
+        return TPUEstimatorSpec(mode, predictions={"logits": model(features["random_noise"])})
+
+    make_estimator(tmp_path).train(lambda params: make_data(16), steps=1)
+    estimator = make_estimator(tmp_path, fn=noise_model_fn)
+    predictions = list(estimator.predict(_noise_input_fn))
+    assert len(predictions) == 8  # predict_batch_size rows, once
+    direct = list(estimator.predict(lambda params: TensorSlices(_noise_input_fn(params)[0])))
+    assert all(torch.equal(a["logits"], b["logits"]) for a, b in zip(
+        predictions, direct, strict=True))
+
+
+@pytest.mark.parametrize("mode, rows, message", [
+    ("train", 12, r"one batch .* of 12 rows; params\['batch_size'\] is 8\. To give a data set"),
+    ("train", 4, r"of 4 rows; params\['batch_size'\] is 8 and training needs whole batches"),
+    ("infer", 12, r"of 12 rows; params\['batch_size'\] is 8\. To give a data set, return "
+                  r"TensorDataset"),
+])
+def test_one_batch_that_does_not_fit_the_batch_size_is_refused_before_any_step(
+        tmp_path, mode, rows, message):
+    make_estimator(tmp_path / "trained").train(lambda params: make_data(16), steps=1)
+    estimator = make_estimator(tmp_path / "trained", fn=_counting(model_fn_calls := []))
+    features, labels = make_data(rows).tensors
+    with pytest.raises(ValueError, match=message):
+        if mode == "train":
+            estimator.train(lambda params: (features, labels), steps=1)
+        else:
+            list(estimator.predict(lambda params: (features, None)))
+    assert model_fn_calls == []
+
+
+def _counting(calls: list):
+    def counting_model_fn(features, labels, mode, model):
+        calls.append(mode)
+        return _spec(mode, model(features), labels)
+    return counting_model_fn
 
 
 class PhaseRecorder(Hook):

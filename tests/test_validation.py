@@ -179,7 +179,8 @@ def test_train_needs_train_batch_size_and_optimizer_fn(tmp_path):
 
 @pytest.mark.parametrize("returned, message", [
     (lambda params: torch.zeros(4, 8), "input_fn returned a Tensor; return a Dataset"),
-    (lambda params: (torch.zeros(4, 8), torch.zeros(4)), "input_fn returned a tuple"),
+    (lambda params: (torch.zeros(4, 8), torch.zeros(4), torch.zeros(4)),
+     "input_fn returned a tuple"),
     (lambda params: 42, "input_fn must return a Dataset, a DataLoader or an iterable"),
 ])
 def test_input_fn_returning_an_unsupported_type(tmp_path, returned, message):

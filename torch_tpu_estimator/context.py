@@ -16,6 +16,7 @@ import torch
 
 from .binding import INPUT_FN_ARGUMENTS, bind
 from .config import RunConfig
+from .host_random import derive_seed, seeded
 from .input import InputShard, call_input_fn
 from .job import InputFn, Job
 from .runtime.base import Replica, ReplicaContext
@@ -87,11 +88,15 @@ class ModeContext:
                 for replica in self.replica.local_replica_ids]
 
     def call_input_fn(self, input_fn: InputFn, shard: InputShard) -> Any:
-        """What input_fn returns for one of this process's input streams."""
+        """What input_fn returns for one of this process's input streams. It runs with the
+        host generators seeded by the run seed, the mode and the stream (host_random.py):
+        data it draws is the same in every call, resumed or not, and on every process."""
         binding = bind(input_fn, "input_fn", INPUT_FN_ARGUMENTS, params_alone=True)
         params = self.params(shard.batch_size, shard.context)
-        return call_input_fn(lambda: binding(params=params, mode=self.mode, config=self.config,
-                                             input_context=shard.context))
+        with seeded(derive_seed(self.config.seed, "input_fn", self.mode, shard.key)):
+            return call_input_fn(lambda: binding(params=params, mode=self.mode,
+                                                 config=self.config, input_context=shard.context),
+                                 shard.batch_size, self.mode)
 
     def call_model_fn(self, model: torch.nn.Module, features: Any, labels: Any,
                       params: dict, update: Any = None) -> TPUEstimatorSpec:

@@ -37,11 +37,13 @@ from torch.utils.data import (
     DistributedSampler,
     IterableDataset,
     TensorDataset,
+    get_worker_info,
 )
 from torch.utils.data._utils.collate import default_collate
 
 from .config import DatasetConfig
 from .data import TensorSlices
+from .host_random import derive_seed, host_generators_kept, seed_host, seeded
 from .runtime.base import ReplicaContext
 from .spec import ModeKeys
 from .tree import map_tensors, tensors_of
@@ -133,10 +135,29 @@ def pad_rows(tree: Any, size: int) -> Any:
     return map_tensors(pad, tree)
 
 
-def call_input_fn(input_fn: Callable[[], Any]) -> Any:
+def _is_features(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, Mapping) and bool(value)
+        and all(isinstance(item, torch.Tensor) for item in value.values()))
+
+
+def call_input_fn(input_fn: Callable[[], Any], batch_size: int, mode: str) -> Any:
     """Calls input_fn (its arguments bound) and checks that what it returned is a kind of input
-    this module reads."""
+    this module reads. `(features, labels)` or `(features, None)` returned as they are is one
+    batch, as TF's input_fn returning tensors is (`tf.data.Dataset.from_tensors`): it must
+    not hold more rows than `batch_size` (params["batch_size"]), nor fewer in training."""
     source = input_fn()
+    if isinstance(source, tuple) and len(source) == 2 and _is_features(source[0]) and (
+            source[1] is None or _is_features(source[1])):
+        rows = batch_size_of(*source)
+        if rows > batch_size or (rows < batch_size and mode == ModeKeys.TRAIN):
+            raise ValueError(
+                f"input_fn returned (features, labels) themselves, which is one batch (as a TF "
+                f"input_fn returning tensors), of {rows} rows; params['batch_size'] is "
+                f"{batch_size}{' and training needs whole batches' if rows < batch_size else ''}"
+                ". To give a data set, return TensorDataset(features, labels) or "
+                "torch_tpu_estimator.data.TensorSlices((features, labels))")
+        return [source]
     kind = _kind_of(source)
     if kind == "map_dataset" and len(source) == 0:
         raise ValueError("input_fn returned an empty Dataset (len 0)")
@@ -157,7 +178,8 @@ def _kind_of(source: Any) -> str:
     ):
         raise TypeError(
             f"input_fn returned a {type(source).__name__}; return a Dataset (e.g. "
-            "TensorDataset(features, labels)), a DataLoader, or an iterable of batches"
+            "TensorDataset(features, labels)), a DataLoader, an iterable of batches, or one "
+            "batch as (features, labels) or (features, None)"
         )
     try:
         iterator = iter(source)
@@ -178,21 +200,66 @@ def _has_distributed_sampler(source: Any) -> bool:
                for sampler in samplers)
 
 
-def _seeded_pass(batches: Iterable[Any], seed: int) -> Iterator[Any]:
-    """Iterates a user's iterable with the global torch RNG seeded by `seed` while the pass
-    starts (when a DataLoader draws its shuffle order), then restores the RNG as it was: the
-    pass order is reproducible on resume and the model's own random draws are left alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        iterator = iter(batches)
-        first = next(iterator, _END)
-    if first is _END:
-        return
-    yield first
-    yield from iterator
+def _made_apart(iterable: Iterable[Any], start_seed: int,
+                item_seed: Callable[[int], int]) -> Iterator[Any]:
+    """Iterates `iterable` with the host generators seeded by `start_seed` while it starts (a
+    DataLoader draws its shuffle order then) and by item_seed(position) while each item is
+    made (host_random.py); the run's generators are left as they were. iter() is called once:
+    an iterator whose __iter__ returns a fresh copy (torch_xla's SampleGenerator) is read once."""
+    with seeded(start_seed):
+        iterator = iter(iterable)
+    for position in itertools.count():
+        with seeded(item_seed(position)):
+            item = next(iterator, _END)
+        if item is _END:
+            return
+        yield item
 
 
 _END = object()
+
+
+class _SeededExamples(Dataset):
+    """A map-style Dataset whose examples are each made with the host generators seeded by
+    the run seed, the pass and the example's index: a random crop or noise drawn in
+    `__getitem__` is the same however the example is batched, read ahead, resumed or shared
+    out over replicas. A Dataset with its own batched `__getitems__` is seeded once per call,
+    by the pass and the call's indices."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        batched = getattr(self.dataset, "__getitems__", None)
+        with host_generators_kept():
+            if batched is not None:
+                seed_host(derive_seed(self.seed, "examples", self.epoch, *indices))
+                return batched(indices)
+            items = []
+            for index in indices:
+                seed_host(derive_seed(self.seed, "example", self.epoch, index))
+                items.append(self.dataset[index])
+            return items
+
+
+class _SeededStream(IterableDataset):
+    """An IterableDataset whose examples are each made with the host generators seeded by the
+    run seed, the pass, the DataLoader worker and the example's position in its stream."""
+
+    def __init__(self, dataset: IterableDataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        worker = get_worker_info()
+        where = (self.seed, "stream", self.epoch, worker.id if worker is not None else -1)
+        return _made_apart(self.dataset, derive_seed(*where),
+                           lambda position: derive_seed(*where, position))
 
 
 class InputPipeline:
@@ -250,11 +317,12 @@ class InputPipeline:
         if self.kind == "map_dataset":
             yield from self._map_dataset_pass(epoch, skip)
         elif self.kind == "iterable_dataset":
-            loader = self._loader(self.source, epoch, batch_size=self.global_batch_size,
-                                  drop_last=self.training)
+            loader = self._loader(_SeededStream(self.source, self.seed, epoch), epoch,
+                                  batch_size=self.global_batch_size, drop_last=self.training)
             yield from self._slices(itertools.islice(loader, skip, None), skip)
         else:
-            batches = _seeded_pass(self.source, pass_seed(self.seed, epoch))
+            batches = _made_apart(self.source, pass_seed(self.seed, epoch),
+                                  lambda position: derive_seed(self.seed, "batch", epoch, position))
             yield from self._slices(itertools.islice(batches, skip, None), skip)
 
     def _loader(self, dataset: Any, epoch: int, **kwargs: Any) -> DataLoader:
@@ -291,7 +359,8 @@ class InputPipeline:
                     real_counts.append(num_real)
                     yield rows.tolist()
 
-            loader = self._loader(self.source, epoch, batch_sampler=index_lists())
+            loader = self._loader(_SeededExamples(self.source, self.seed, epoch), epoch,
+                                  batch_sampler=index_lists())
             items = ((item, real_counts.pop(0)) for item in loader)
         for count, (item, num_real) in enumerate(items, start=skip + 1):
             features, labels = split_example(item)

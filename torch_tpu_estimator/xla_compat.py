@@ -38,11 +38,6 @@ def expected_tpu_devices() -> int:
     return tpu.num_expected_global_devices()
 
 
-def close_loader(loader: Any) -> None:
-    """Stops an MpDeviceLoader's host and device threads (it has no public close in 2.9)."""
-    loader._parallel_loader.close()
-
-
 def to_cpu(tree: Any) -> Any:
     """Every XLA tensor of a nested structure copied to the host in one transfer."""
     return xm._maybe_convert_to_cpu(tree)

@@ -1,4 +1,4 @@
-"""What every XLA replica shares: the device, the loader that feeds it, graph cuts, RNG, reads.
+"""What every XLA replica shares: the device, how batches reach it, graph cuts, RNG, reads.
 
 xla_mp (one process per device) and xla_spmd (one process over a device mesh) differ only in how
 replicas are launched, how input is laid over devices and how gradients are combined.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -16,7 +15,6 @@ import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
 import torch_xla.debug.metrics as met
-import torch_xla.distributed.parallel_loader as pl
 import torch_xla.runtime as xr
 
 from .. import xla_compat
@@ -54,25 +52,13 @@ def is_cpu_backend() -> bool:
     return xr.device_type() in (None, "CPU")
 
 
-class _InputFailure:
-    """An exception raised by the host input, carried through MpDeviceLoader's threads."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def _capture_failures(host_batches: Iterable[Any]) -> Iterator[Any]:
-    try:
-        yield from host_batches
-    except Exception as error:  # re-raised in the replica's own thread by device_batches
-        yield _InputFailure(error)
-
-
 class XlaReplica(Replica):
-    """Device batches through MpDeviceLoader, one graph cut per step, reads in one transfer."""
+    """Device batches sent from the training thread, one graph cut per step, reads in one
+    transfer."""
 
     def input_sharding(self) -> Any:
-        """How MpDeviceLoader lays a host batch over devices; None puts it on this device."""
+        """How a host batch is laid over devices (xm.send_cpu_data_to_device); None puts it on
+        this device."""
         return None
 
     @property
@@ -81,21 +67,18 @@ class XlaReplica(Replica):
 
     @property
     def replays_programs(self) -> bool:
-        return True  # one device or an SPMD mesh alike: the loader lays out every batch alike
+        return True  # one device or an SPMD mesh alike: every batch is laid out alike
 
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
-        # Steps are cut by the step runner alone: every mark_step advances the XLA RNG seed, so
-        # a fixed number per step keeps dropout identical however windows and resumes fall.
-        loader = pl.MpDeviceLoader(_capture_failures(host_batches), self.device,
-                                   batches_per_execution=sys.maxsize,
-                                   input_sharding=self.input_sharding())
-        try:
-            for batch in loader:
-                if isinstance(batch, _InputFailure):
-                    raise batch.error
-                yield batch
-        finally:
-            xla_compat.close_loader(loader)
+        # Made and sent from this thread, as the loop asks for them, not by MpDeviceLoader's
+        # threads: the input draws from the host generators seeded per example and batch
+        # (host_random.py), which another thread drawing at the same time would disturb. The
+        # transfer returns at once; the device runs the previous step meanwhile. Steps are cut
+        # by the step runner alone: every mark_step advances the XLA RNG seed, so a fixed
+        # number per step keeps dropout identical however windows and resumes fall.
+        sharding = self.input_sharding()
+        for batch in host_batches:
+            yield xm.send_cpu_data_to_device([batch], self.device, sharding)[0]
 
     def step_runner(self, mode: str, max_graphs: int | None) -> Callable[[Callable[[], T]], T]:
         if max_graphs is None:

@@ -1,0 +1,76 @@
+"""Exact resume when the input draws random numbers on the host: input_fn's noise, a random
+augmentation per example in the Dataset (torch, Python and NumPy draws) and dropout. A run
+SIGKILLed at random moments and restarted each time ends bit for bit like one never
+interrupted, on one XLA device, a 4-device SPMD mesh, plain PyTorch and 2 gloo replicas
+(random_input_job.py is the job)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import same_values
+
+JOB = os.path.join(os.path.dirname(__file__), "random_input_job.py")
+MAX_STEPS = 150
+KILLS = 10
+
+
+def _start(model_dir, layout: str) -> subprocess.Popen:
+    env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=os.path.dirname(__file__),
+               CPU_NUM_DEVICES="4" if layout == "spmd4" else "1")
+    return subprocess.Popen([sys.executable, JOB, str(model_dir), layout, str(MAX_STEPS)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _final(model_dir) -> dict:
+    return torch.load(os.path.join(model_dir, f"model.ckpt-{MAX_STEPS}.pt"), weights_only=True)
+
+
+def _run_to_end(model_dir, layout: str) -> None:
+    job = _start(model_dir, layout)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0 and f"done {MAX_STEPS}" in stdout, stderr[-3000:]
+
+
+def _kill_somewhere_in_the_next_windows(job: subprocess.Popen, chooser: random.Random) -> None:
+    """Lets the job run one to three windows past its first window end, then kills it at a
+    random moment of up to one and a half windows later (a step, a checkpoint write, a window
+    end)."""
+    first, seen, window_seconds = None, 0.0, 0.0
+    extra = 3 * chooser.randint(1, 3)
+    for line in job.stdout:
+        if not line.startswith("step "):
+            continue
+        step, now = int(line.split()[1]), time.perf_counter()
+        if first is None:
+            first = step
+        else:
+            window_seconds = now - seen
+        seen = now
+        if step >= first + extra:
+            break
+    time.sleep(chooser.uniform(0.0, 1.5 * window_seconds))
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job at once, replicas included
+    job.wait(timeout=60)
+    assert job.returncode == -signal.SIGKILL, job.stderr.read()[-3000:]
+
+
+@pytest.mark.parametrize("layout", ["xla", "spmd4", "torch", "gloo2"])
+def test_sigkills_at_random_moments_then_a_restart_end_bit_for_bit(tmp_path, layout):
+    _run_to_end(tmp_path / "uninterrupted", layout)
+    chooser = random.Random(f"kills-{layout}")
+    model_dir = tmp_path / "killed"
+    for _ in range(KILLS):
+        _kill_somewhere_in_the_next_windows(_start(model_dir, layout), chooser)
+    _run_to_end(model_dir, layout)
+    resumed, uninterrupted = _final(model_dir), _final(tmp_path / "uninterrupted")
+    assert same_values(resumed, uninterrupted)
+    assert not [name for name in os.listdir(model_dir) if name.startswith(".tmp-")]
