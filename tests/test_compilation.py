@@ -169,3 +169,53 @@ def test_on_an_spmd_mesh_eval_and_predict_compile_once_and_not_again(tmp_path):
         compiles, executions = zip(*counts[mode], strict=True)
         assert compiles == (1, 0, 0), (mode, counts)
         assert executions == (4, 4, 2), (mode, counts)  # one per step: ceil(29 / 8), ceil(9 / 8)
+
+
+RESUMED_CALLS = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+import torch_xla.debug.metrics as met
+from helpers import Net, make_data, make_estimator
+from torch_tpu_estimator import ModeKeys, TPUEstimatorSpec
+
+class Counting(Net):
+    '''A 0-dim buffer restored from each checkpoint, as a batch norm's num_batches_tracked.'''
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+def counting_model_fn(model, features, labels, mode, params):
+    if mode == ModeKeys.TRAIN:
+        model.seen += 1
+    logits = model(features) * 8.0 + 0 * model.seen  # 8.0: the value `seen` has after 8 steps
+    if mode == ModeKeys.PREDICT:
+        return TPUEstimatorSpec(mode, predictions=logits)
+    return TPUEstimatorSpec(mode, loss=F.cross_entropy(logits, labels))
+
+def compiles():
+    return (met.metric_data("CompileTime") or (0,))[0]
+
+estimator = make_estimator(sys.argv[1], fn=counting_model_fn, iterations_per_loop=4,
+                           model_init_fn=lambda params: Counting(),
+                           optimizer_fn=lambda model, params: torch.optim.Adam(
+                               model.parameters(), lr=0.01))
+counts = []
+for _ in range(4):
+    before = compiles()
+    estimator.train(lambda params: make_data(64), steps=4)
+    middle = compiles()
+    estimator.evaluate(lambda params: make_data(16))
+    counts.append([middle - before, compiles() - middle])
+print(json.dumps(counts))
+"""
+
+
+def test_train_calls_that_resume_in_one_process_compile_nothing_after_the_second(tmp_path):
+    """train_and_evaluate's rounds: the first call compiles the step graphs, the second the
+    step after a restore (the flat optimizer packs the restored moments), none after; a
+    restored 0-dim buffer equal to a constant of the step (here at the third call) used to
+    share its device value and change the graph."""
+    counts = run_fresh(RESUMED_CALLS, tmp_path)
+    assert [train for train, _ in counts[2:]] == [0, 0]
+    assert [evaluate for _, evaluate in counts[1:]] == [0, 0, 0]

@@ -319,9 +319,13 @@ class RunState:
             if self.update is not None:
                 saved.load_update_in_place(self.update)
         else:
-            load_weights(self.model, saved.model_weights, saved.path)
+            replica = self.ctx.replica
+            load_weights(self.model, replica.restorable(saved.model_weights), saved.path)
             if self.update is not None:
-                self.update.load_state_dict(saved.update_state())
+                update = saved.update_state()
+                if update["ema"] is not None:
+                    update["ema"] = replica.restorable(update["ema"])
+                self.update.load_state_dict(update)
         if self.streams is not None:
             self.streams.load_state_dict(saved.input_positions)
         self.rng.load_state_dict(saved.rng_state(self.ctx.replica.process_index))
@@ -333,7 +337,8 @@ class RunState:
         if saved.sharded and self._in_place:
             self._load_model_shards(saved, "ema/" if use_ema and saved.has_ema else "model/")
         else:
-            load_weights(self.model, saved.inference_weights(use_ema), saved.path)
+            load_weights(self.model, self.ctx.replica.restorable(saved.inference_weights(use_ema)),
+                         saved.path)
         self.global_step = saved.global_step
 
     def capture(self) -> dict | Callable[[str], None] | None:

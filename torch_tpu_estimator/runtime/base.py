@@ -144,6 +144,11 @@ class Replica(abc.ABC):
         """Moves a freshly built module to this process's device."""
         return model.to(self.device)
 
+    def restorable(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict read from a checkpoint (CPU tensors), ready to load into a module on
+        this device (its own copy_ moves each tensor)."""
+        return weights
+
     @abc.abstractmethod
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
         """Moves host batches to the device, ahead of the step that needs them."""

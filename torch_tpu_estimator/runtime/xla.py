@@ -80,6 +80,18 @@ class XlaReplica(Replica):
         for batch in host_batches:
             yield xm.send_cpu_data_to_device([batch], self.device, sharding)[0]
 
+    def restorable(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A 0-dim tensor copied to an XLA device takes the device value torch_xla caches for a
+        # Python number equal to it, which the step's constants share: the first step after a
+        # restore then read one graph input fewer whenever a restored scalar (a batch norm's
+        # num_batches_tracked) equalled one of them, and compiled again. Sent as data, each
+        # scalar gets a buffer of its own.
+        scalars = {name: tensor for name, tensor in weights.items() if tensor.dim() == 0}
+        if not scalars:
+            return weights
+        sent = xm.send_cpu_data_to_device(list(scalars.values()), self.device)
+        return {**weights, **dict(zip(scalars, sent, strict=True))}
+
     def step_runner(self, mode: str, max_graphs: int | None) -> Callable[[Callable[[], T]], T]:
         if max_graphs is None:
             def run(body: Callable[[], T]) -> T:
