@@ -217,3 +217,59 @@ def test_bf16_runs_model_fn_in_bfloat16_with_float32_weights(tmp_path, use_tpu):
     estimator.evaluate(lambda params: make_data(8))
     assert seen == {(mode, torch.bfloat16, torch.float32)
                     for mode in (ModeKeys.TRAIN, ModeKeys.EVAL)}
+
+
+def _copy_with_damaged_shard(sharded_run, model_dir) -> str:
+    """A copy of the run whose latest checkpoint's shard file is cut in half."""
+    import shutil
+    shutil.copytree(sharded_run, model_dir)
+    data = model_dir / "model.ckpt-14" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    return str(model_dir / "model.ckpt-14")
+
+
+USES = {
+    "evaluate": lambda estimator, path: estimator.evaluate(lambda params: make_data(8),
+                                                           checkpoint_path=path),
+    "predict": lambda estimator, path: list(estimator.predict(lambda params: make_data(8),
+                                                              checkpoint_path=path)),
+    "export": lambda estimator, path: estimator.export_saved_model(
+        os.path.dirname(path) + "-exports", torch.zeros(1, 8), checkpoint_path=path),
+    "warm_start": lambda estimator, path: make_estimator(
+        os.path.dirname(path) + "-warm", warm_start_from=path).train(
+            lambda params: make_data(16), steps=1),
+}
+
+
+@pytest.mark.parametrize("use", sorted(USES))
+def test_a_truncated_shard_given_by_path_is_a_value_error_naming_the_checkpoint(
+        sharded_run, tmp_path, use):
+    """Listed in its model_dir's index: the digest finds the damage before any read."""
+    path = _copy_with_damaged_shard(sharded_run, tmp_path / "model")
+    with pytest.raises(ValueError, match=rf"checkpoint '{path}' is damaged: its SHA-256 differs"):
+        USES[use](make_estimator(tmp_path / "model"), path)
+
+
+def test_a_truncated_shard_outside_any_model_dir_is_a_value_error(sharded_run, tmp_path):
+    """No index to check it against: DCP's read fails (a CheckpointException, which derives
+    from BaseException), and the error is a ValueError naming the checkpoint."""
+    import shutil
+    path = _copy_with_damaged_shard(sharded_run, tmp_path / "model")
+    loose = tmp_path / "loose" / "model.ckpt-14"
+    shutil.copytree(path, loose)
+    with pytest.raises(ValueError, match=r"sharded checkpoint '.*loose/model.ckpt-14' cannot be "
+                                         r"read"):
+        USES["evaluate"](make_estimator(tmp_path / "model"), str(loose))
+
+
+@pytest.mark.parametrize("name", ["__0_0.distcp", "state.pt"])
+def test_a_file_of_a_sharded_checkpoint_that_is_a_symlink_is_refused(sharded_run, tmp_path,
+                                                                     name):
+    import shutil
+    loose = tmp_path / "loose" / "model.ckpt-14"
+    shutil.copytree(sharded_run / "model.ckpt-14", loose)
+    outside = tmp_path / "elsewhere"
+    os.replace(loose / name, outside)
+    os.symlink(outside, loose / name)
+    with pytest.raises(ValueError, match=rf"names '{name}', which is a symbolic link: refused"):
+        USES["evaluate"](make_estimator(tmp_path / "model"), str(loose))

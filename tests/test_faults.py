@@ -156,10 +156,17 @@ def test_when_every_checkpoint_is_damaged_training_refuses_to_start_afresh(tmp_p
 
 
 def test_an_unreadable_checkpoint_given_by_path_is_a_clear_error(tmp_path):
-    estimator = make_estimator(tmp_path, save_checkpoints_steps=4)
+    """Listed in its folder's index, the digest names the damage; elsewhere the reader does."""
+    estimator = make_estimator(tmp_path / "model", save_checkpoints_steps=4)
     estimator.train(lambda params: make_data(32), max_steps=4)
-    _damage(tmp_path / "model.ckpt-4.pt", "truncated")
+    listed = tmp_path / "model" / "model.ckpt-4.pt"
+    _damage(listed, "truncated")
+    with pytest.raises(ValueError, match=r"checkpoint '.*model\.ckpt-4\.pt' is damaged: its "
+                                         r"SHA-256 differs from the one recorded"):
+        estimator.evaluate(lambda params: make_data(8), checkpoint_path=str(listed))
+    (tmp_path / "loose").mkdir()
+    loose = tmp_path / "loose" / "model.ckpt-4.pt"
+    loose.write_bytes(listed.read_bytes())
     with pytest.raises(ValueError, match=r"checkpoint '.*model\.ckpt-4\.pt' cannot be read "
                                          r"\(truncated, corrupt or not readable\)"):
-        estimator.evaluate(lambda params: make_data(8), checkpoint_path=str(
-            tmp_path / "model.ckpt-4.pt"))
+        estimator.evaluate(lambda params: make_data(8), checkpoint_path=str(loose))

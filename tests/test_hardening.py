@@ -308,6 +308,102 @@ def test_a_read_only_model_dir_is_found_before_the_first_step(public_tmp):
     assert os.listdir(model_dir) == []
 
 
+AS_NOBODY = r"""
+import json, logging, os, sys
+from helpers import make_data, make_estimator
+logging.basicConfig(level=logging.INFO)
+estimator = make_estimator(sys.argv[1])
+results = estimator.evaluate(lambda params: make_data(16))
+estimator.train(lambda params: make_data(32), max_steps=4)  # already there: nothing to write
+print(json.dumps({"loss": results["loss"], "step": results["global_step"]}))
+"""
+
+
+def _as_nobody(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
+    """Runs `script` as the account nobody (root writes anywhere; nobody only where allowed)."""
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
+               PYTHONPATH=os.path.dirname(__file__), HOME=cwd)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if os.getuid() == 0 else []
+    return subprocess.run([*as_nobody, sys.executable, "-c", script, *args], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_another_account_evaluates_a_read_only_model_dir(public_tmp):
+    """Checkpoints follow the umask (0644 here, not mkstemp's 0600), so another account can
+    read them; with model_dir read-only to it, evaluate returns its results and says it could
+    not write them, and a train() already at max_steps needs no write at all."""
+    model_dir, home = os.path.join(public_tmp, "model"), os.path.join(public_tmp, "home")
+    os.mkdir(home)
+    os.chmod(home, 0o777)
+    old_umask = os.umask(0o022)
+    try:
+        make_estimator(model_dir).train(lambda params: make_data(32), steps=4)
+    finally:
+        os.umask(old_umask)
+    modes = {name: os.stat(os.path.join(model_dir, name)).st_mode & 0o777
+             for name in os.listdir(model_dir)}
+    assert modes["model.ckpt-4.pt"] == modes["checkpoint.json"] == modes["run.json"] == 0o644
+    os.chmod(model_dir, 0o555)
+    before = sorted(os.listdir(model_dir))
+    result = _as_nobody(AS_NOBODY, model_dir, cwd=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["step"] == 4 and outcome["loss"] > 0
+    assert f"evaluate cannot write its results to {model_dir}/eval (Permission denied)" in \
+        result.stderr
+    assert "Skipping training: global step 4 is already at max_steps 4" in result.stderr
+    assert sorted(os.listdir(model_dir)) == before
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755),
+                                                          (0o027, 0o640, 0o750)])
+def test_files_and_folders_the_library_writes_follow_the_umask(tmp_path, umask, file_mode,
+                                                               folder_mode):
+    old_umask = os.umask(umask)
+    try:
+        make_estimator(tmp_path / "model").train(lambda params: make_data(32), steps=2)
+        written = checkpoint.atomic_directory(str(tmp_path / "folder"), lambda directory: None)
+    finally:
+        os.umask(old_umask)
+    assert written
+    for name in ("model.ckpt-2.pt", "checkpoint.json", "run.json"):
+        assert os.stat(tmp_path / "model" / name).st_mode & 0o777 == file_mode, name
+    assert os.stat(tmp_path / "folder").st_mode & 0o777 == folder_mode
+
+
+def test_a_symlink_planted_as_the_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    os.symlink(victim, model_dir / ".train.lock")
+    with pytest.raises(ValueError, match=r"\.train\.lock is a symbolic link: training keeps its "
+                                         r"lock in that file and neither follows nor replaces"):
+        make_estimator(model_dir).train(lambda params: make_data(32), steps=1)
+    assert victim.read_text() == "precious"
+    assert os.listdir(model_dir) == [".train.lock"]
+
+
+def test_a_folder_as_the_lock_file_is_a_clear_error(tmp_path):
+    (tmp_path / ".train.lock").mkdir()
+    with pytest.raises(ValueError, match=r"\.train\.lock is not a regular file"):
+        make_estimator(tmp_path).train(lambda params: make_data(32), steps=1)
+
+
+def test_a_temporary_checkpoint_name_that_is_a_symlink_is_removed_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    os.symlink(outside, model_dir / ".tmp-checkpoint-planted")
+    make_estimator(model_dir).train(lambda params: make_data(32), steps=1)
+    assert (outside / "keep.txt").read_text() == "keep"
+    assert not os.path.lexists(model_dir / ".tmp-checkpoint-planted")
+    assert (model_dir / "model.ckpt-1.pt").exists()
+
+
 # --- two trainers, readers while training ---------------------------------------------------
 
 HOLDER = r"""

@@ -94,13 +94,36 @@ def _write_error(error: OSError, path: str) -> OSError:
                    "before it are intact")
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it to read it, which
+    would widen it for a moment in every other thread)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def creation_mode(directory: bool = False) -> int:
+    """The permissions open() and mkdir() give a new file or folder under the umask: what a
+    reader running as another account (an evaluator, TensorBoard, a server) expects, where
+    mkstemp and mkdtemp would give 0600 and 0700."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> str:
     """Calls write(file) on a temporary file beside `path`, then renames it to `path`; returns
-    the SHA-256 of the bytes written."""
+    the SHA-256 of the bytes written. The file gets the permissions open() would give it."""
     directory = os.path.dirname(path) or "."
     fd, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=directory)
     writer = None
     try:
+        os.fchmod(fd, creation_mode())
         with os.fdopen(fd, "wb") as handle:
             writer = _HashingWriter(handle)
             write(writer)
@@ -239,10 +262,12 @@ def _sha256(path: str) -> str:
 
 def atomic_directory(path: str, write: Callable[[str], None]) -> str:
     """Calls write(directory) on a temporary directory beside `path`, flushes its files, then
-    renames it to `path`; returns its SHA-256 (its files are read back once to hash them)."""
+    renames it to `path`; returns its SHA-256 (its files are read back once to hash them). The
+    directory gets the permissions mkdir() would give it."""
     parent = os.path.dirname(path) or "."
     temporary = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=parent)
     try:
+        os.chmod(temporary, creation_mode(directory=True))
         write(temporary)
         for name in os.listdir(temporary):
             fsync_path(os.path.join(temporary, name))
@@ -274,7 +299,10 @@ def damage(path: str, digest: str | None) -> str | None:
         return "it no longer exists"
     if key in _VERIFIED:
         return None
-    if digest is not None and _sha256(path) != digest:
+    if os.path.isdir(path) and any(os.path.islink(os.path.join(path, name))
+                                   for name in os.listdir(path)):
+        problem = "it holds a symbolic link, which could lead outside it"
+    elif digest is not None and _sha256(path) != digest:
         problem = "its SHA-256 differs from the one recorded when it was written"
     elif digest is None and not os.path.isdir(path) and not zipfile.is_zipfile(path):
         problem = "it is not a complete torch.save archive"
@@ -337,8 +365,9 @@ def _remove_stale_temporaries(model_dir: str) -> None:
     """Half-written files of a checkpoint writer that was killed (the chief is the only one)."""
     for name in os.listdir(model_dir):
         path = os.path.join(model_dir, name)
-        if name.startswith(_TEMP_PREFIX):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if name.startswith(_TEMP_PREFIX):  # a link is removed, never what it leads to
+            is_folder = os.path.isdir(path) and not os.path.islink(path)
+            shutil.rmtree(path) if is_folder else os.remove(path)
             logger.info("Removed %s, left by an interrupted checkpoint write", name)
 
 
@@ -430,10 +459,20 @@ def load_checkpoint(path: str) -> Any:
 
 def resolve_checkpoint_path(path: str) -> str:
     """A checkpoint (a file, or a sharded checkpoint's directory), or the latest checkpoint of
-    a model_dir, as a path."""
+    a model_dir, as a path. A checkpoint given by path that its folder's index lists is
+    checked against the digest recorded when it was written, as latest_checkpoint checks."""
     if os.path.isdir(path) and not _CHECKPOINT_NAME.match(os.path.basename(path)):
         latest = latest_checkpoint(path)
         if latest is None:
             raise ValueError(f"directory {path!r} holds no checkpoint")
         return latest
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        digests = read_index(folder).digests
+    except ValueError:  # an unreadable index: the checkpoint's own reader still checks it
+        digests = {}
+    problem = damage(path, digests[name]) if name in digests else None
+    if problem is not None:
+        raise ValueError(f"checkpoint {path!r} is damaged: {problem}. Give another "
+                         "checkpoint_path, or none to use the latest intact checkpoint")
     return path

@@ -28,9 +28,10 @@ import torch
 from torch_xla import stablehlo
 
 from . import xla_compat
-from .checkpoint import fsync_path
+from .checkpoint import creation_mode, fsync_path
 from .context import ModeContext
 from .locking import hold_directory, remove_if_abandoned
+from .paths import is_number_name
 from .signature import (
     ASSETS_EXTRA_DIR,
     HLO_DIR,
@@ -220,13 +221,12 @@ def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
     temporary = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=export_dir_base)
     held = hold_directory(temporary)  # marks it in use: a later export leaves it alone
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from a server user
+        os.chmod(temporary, creation_mode(directory=True))  # mkdtemp's 0700 hides it
         write(temporary)
         _fsync_tree(temporary)
         while True:
-            stamps = [int(name) for name in os.listdir(export_dir_base) if name.isdigit()]
+            stamps = [int(name) for name in os.listdir(export_dir_base)
+                      if is_number_name(name)]
             final = os.path.join(export_dir_base, str(max([int(time.time()), *[
                 stamp + 1 for stamp in stamps]])))
             try:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
 
@@ -47,15 +48,26 @@ def _holder(fd: int) -> str:
 
 
 def _open_lock_file(model_dir: str, path: str) -> int:
+    """Opens (creating it) the lock file itself: never a file a symbolic link of that name
+    leads to, which would be truncated and written outside model_dir."""
     try:
         os.makedirs(model_dir, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except OSError as error:
         if error.errno in _NOT_WRITABLE:
             raise PermissionError(error.errno, f"model_dir {model_dir!r} is not writable "
                                   f"({os.strerror(error.errno)}): training writes checkpoints "
                                   "there; give a writable model_dir") from None
-        raise
+        if error.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        kind = "a symbolic link" if os.path.islink(path) else "not a regular file"
+        raise ValueError(f"{path} is {kind}: training keeps its lock in that file and neither "
+                         "follows nor replaces it. Remove it if no trainer uses model_dir")
+    return fd
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ file outside the folder it is reading. These checks run before any such name bec
 from __future__ import annotations
 
 import os
+import stat
 
 
 def plain_name(name: object, what: str) -> str:
@@ -35,3 +36,24 @@ def relative_inside(name: object, what: str) -> str:
 def child(folder: str, name: object, what: str) -> str:
     """The path of plain file `name` inside `folder`."""
     return os.path.join(folder, plain_name(name, what))
+
+
+def regular_file(folder: str, name: object, what: str) -> str:
+    """The path of `name` inside `folder` when it is a regular file there: not a symbolic link
+    (which could lead anywhere), not a folder; else a ValueError naming it."""
+    path = child(folder, name, what)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{what} names {name!r}, which is missing from {folder}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise ValueError(f"{what} names {name!r}, which is {kind}: refused (a file it reads "
+                         "must lie inside its folder)")
+    return path
+
+
+def is_number_name(name: str) -> bool:
+    """Whether a name read from disk is a decimal number in ASCII digits: str.isdigit also
+    accepts '²' or '٣', which int() refuses or reads as another number."""
+    return name.isascii() and name.isdigit()

@@ -28,6 +28,7 @@ import torch
 
 from . import checkpoint as files
 from . import sharded_checkpoint
+from .paths import regular_file
 from .runtime.base import Replica
 from .update import DEFAULT_OPTIMIZER, UpdateStep, split_optimizer_fn_result
 
@@ -54,7 +55,7 @@ class Checkpoint:
     def load(cls, path: str) -> Checkpoint:
         """Reads and checks the checkpoint at `path` (a ValueError naming it when it is not one)."""
         if os.path.isdir(path):
-            rest = files.load_checkpoint(os.path.join(path, REST_NAME))
+            rest = files.load_checkpoint(regular_file(path, REST_NAME, f"sharded checkpoint {path}"))
             if isinstance(rest, dict) and _is_sharded(rest.get("model")):
                 rest = {**rest, "model": {}}  # checked against the DCP metadata when read
             return cls(path, _upgraded(rest, path))
@@ -309,7 +310,7 @@ class RunState:
         try:
             sharded_checkpoint.read_into(saved.path, targets)
         except (RuntimeError, ValueError) as error:
-            raise ValueError(f"checkpoint {saved.path!r} does not fit the model built by "
+            raise ValueError(f"checkpoint {saved.path!r} cannot be loaded into the model built by "
                              f"model_init_fn: {error}") from None
 
     def restore(self, saved: Checkpoint) -> None:

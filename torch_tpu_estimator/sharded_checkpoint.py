@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -32,7 +33,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from .paths import plain_name
+from .paths import plain_name, regular_file
 
 METADATA_NAME = "tensors.json"
 FORMAT = "torch_tpu_estimator.sharded/1"
@@ -114,12 +115,17 @@ class _Writer(dcp.FileSystemWriter):
 
 
 class _Reader(dcp.FileSystemReader):
-    """DCP's file reader, its metadata read from JSON (never unpickled)."""
+    """DCP's file reader, its metadata read from JSON (never unpickled), every file it names a
+    regular file inside the checkpoint (a symbolic link could lead anywhere)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = os.path.join(self.path, METADATA_NAME)
+        what = f"sharded checkpoint {self.path}"
+        path = regular_file(str(self.path), METADATA_NAME, what)
         with open(path) as handle:
-            return metadata_from_json(handle.read(), path)
+            metadata = metadata_from_json(handle.read(), path)
+        for info in metadata.storage_data.values():
+            regular_file(str(self.path), info.relative_path, what)
+        return metadata
 
 
 def _planners(tensors: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
@@ -155,10 +161,17 @@ def write(directory: str, tensors: Mapping[str, torch.Tensor]) -> None:
 
 def read_into(directory: str, targets: Mapping[str, torch.Tensor]) -> None:
     """Loads the checkpoint's tensors into `targets` in place, resharding to their layout
-    (XLA sharded tensors load only their own shards)."""
-    with _quiet():
-        dcp.load(dict(targets), storage_reader=_Reader(directory),
-                 planner=_planners(targets)[1], no_dist=True)
+    (XLA sharded tensors load only their own shards). A file that cannot be read (truncated,
+    damaged) or tensors that do not fit are a ValueError naming the checkpoint; DCP's own
+    CheckpointException derives from BaseException and would pass `except Exception`."""
+    try:
+        with _quiet():
+            dcp.load(dict(targets), storage_reader=_Reader(directory),
+                     planner=_planners(targets)[1], no_dist=True)
+    except CheckpointException as error:
+        causes = "; ".join(str(getattr(failure, "exc", failure)).splitlines()[0]
+                           for failure in error.failures.values())
+        raise ValueError(f"sharded checkpoint {directory!r} cannot be read ({causes})") from None
 
 
 def tensor_specs(directory: str) -> dict[str, tuple[torch.dtype, torch.Size]]:
