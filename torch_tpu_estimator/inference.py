@@ -30,7 +30,7 @@ from .run_state import Checkpoint, RunState
 from .runtime.base import Replica
 from .spec import ModeKeys, call_with_tensors
 from .streams import InputStreams
-from .summary import eval_dir, write_scalars
+from .summary import eval_dir, write_error, write_scalars
 from .windows import WindowedBatches
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -169,13 +169,17 @@ def evaluate_replica(job: Job, replica: Replica, input_fn: InputFn, steps: int |
                      hooks: Sequence[Hook], checkpoint_path: str, name: str | None) -> dict:
     """Evaluates a checkpoint over the whole input (or `steps` batches); returns the metrics."""
     ctx = ModeContext(job, replica, ModeKeys.EVAL)
+    directory = eval_dir(job.model_dir, name)
+    unwritable = write_error(directory) if ctx.is_chief else None
+    if unwritable is not None:  # a reader with read-only access still gets the results
+        logger.warning("evaluate cannot write its results to %s (%s): it returns them "
+                       "without writing them", directory, unwritable.strerror or unwritable)
     program = EvalProgram(ctx, _restored(ctx, checkpoint_path), steps)
     windows = _windows(ctx, input_fn, program, steps)
     run_to_end(program, windows, [*progress_hooks(ctx.config.progress), *hooks])
     results = program.results()
     global_step = program.context.global_step
-    if ctx.is_chief:
-        directory = eval_dir(job.model_dir, name)
+    if ctx.is_chief and unwritable is None:
         write_scalars(directory, {key: value for key, value in results.items()
                                   if key != "global_step"}, global_step)
         write_hparams(directory, job.params, results)

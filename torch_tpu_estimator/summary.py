@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 from tensorboardX import SummaryWriter
@@ -13,6 +14,20 @@ from .hooks import Hook, RunContext, Window, steps_in_window
 def eval_dir(model_dir: str, name: str | None = None) -> str:
     """Where evaluation `name` writes its events: `eval` or `eval_<name>` under model_dir."""
     return os.path.join(model_dir, "eval" if not name else f"eval_{name}")
+
+
+def write_error(directory: str) -> OSError | None:
+    """Why event files cannot be written in `directory` (or, while it does not exist, in its
+    nearest folder that does), found by creating and removing a file there; None if they can.
+    Lets a call that would write its results at the end say so before it starts."""
+    target = os.path.abspath(directory)
+    while not os.path.isdir(target) and os.path.dirname(target) != target:
+        target = os.path.dirname(target)
+    try:
+        with tempfile.TemporaryFile(dir=target):
+            return None
+    except OSError as error:
+        return error
 
 
 def open_writer(directory: str) -> SummaryWriter:

@@ -49,6 +49,12 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
     it cannot write is found before the first step.
     """
     ctx = ModeContext(job, replica, ModeKeys.TRAIN)
+    if max_steps is not None:  # nothing to write: no lock, a read-only model_dir will do
+        latest = latest_checkpoint(job.model_dir)
+        if latest is not None and checkpoint.step_of(latest) >= max_steps:
+            logger.info("Skipping training: global step %d is already at max_steps %d",
+                        checkpoint.step_of(latest), max_steps)
+            return False
     with contextlib.ExitStack() as stack:
         if replica.is_chief:
             stack.enter_context(model_dir_lock(job.model_dir))
@@ -60,10 +66,6 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
         _restore_or_warm_start(ctx, state)
         target = max_steps if max_steps is not None else (
             state.global_step + steps if steps is not None else None)
-        if target is not None and state.global_step >= target:
-            logger.info("Skipping training: global step %d is already at max_steps %d",
-                        state.global_step, target)
-            return False
         windows = WindowedBatches(replica.device_batches(streams.host_batches()), ctx, interrupt)
         program = TrainProgram(ctx, state, target, hooks)
         program.context.total_steps = None if target is None else target - state.global_step
