@@ -205,6 +205,21 @@ def test_exports_never_overwrite_and_the_newest_is_served_even_if_the_clock_goes
     assert oct(os.stat(paths[-1]).st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
+def test_entries_named_by_unicode_digits_are_not_taken_for_exports(trained, tmp_path,
+                                                                    monkeypatch):
+    """'²' and '٣' pass str.isdigit, which int() refuses or reads as 3: neither stops an
+    export nor passes for one."""
+    import torch_tpu_estimator.export as export
+
+    monkeypatch.setattr(export.time, "time", lambda: 1000.0)
+    for name in ("²", "٣"):
+        (tmp_path / "exports" / name).mkdir(parents=True)
+    path = trained.export_saved_model(tmp_path / "exports", TowerData(3).features(),
+                                      batch_sizes=(2,))
+    assert os.path.basename(path) == "1000"
+    assert load_exported(tmp_path / "exports").export_dir == path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -7,6 +7,7 @@ import torch
 from helpers import Net, make_data, make_estimator, model_fn, sgd
 
 from torch_tpu_estimator import (
+    DatasetConfig,
     EstimatorSpec,
     ModeKeys,
     RunConfig,
@@ -45,13 +46,32 @@ def test_tpu_config_rejects_bad_values(kwargs, message):
     ({"keep_checkpoint_max": -1}, "keep_checkpoint_max must be a positive int or None"),
     ({"log_step_count_steps": 1.5}, "log_step_count_steps must be a positive int or None"),
     ({"save_summary_steps": "10"}, "save_summary_steps must be a positive int or None"),
-    ({"seed": -3}, "seed must be an int >= 0, got -3"),
+    ({"seed": -3}, r"seed must be an int in \[0, 2\*\*64\), got -3"),
+    ({"seed": 2**64}, r"seed must be an int in \[0, 2\*\*64\), got 18446744073709551616"),
+    ({"dataset_config": None}, "dataset_config must be a DatasetConfig"),
     ({"tpu_config": {"iterations_per_loop": 4}}, "tpu_config must be a TPUConfig, got dict"),
     ({"model_dir": 7}, "model_dir must be a str or None"),
 ])
 def test_run_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RunConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_workers": True}, "num_workers must be an int >= 0, got True"),
+    ({"num_workers": -1}, "num_workers must be an int >= 0, got -1"),
+    ({"num_epochs": 0}, "num_epochs must be a positive int or None, got 0"),
+    ({"shuffle": 1}, "shuffle must be a bool, got 1"),
+])
+def test_dataset_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DatasetConfig(**kwargs)
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """2**64 - 1 is the largest seed torch and torch_xla take (unsigned 64 bits)."""
+    make_estimator(tmp_path, seed=2**64 - 1).train(lambda params: make_data(16), steps=2)
+    assert make_estimator(tmp_path, seed=2**64 - 1).latest_checkpoint().endswith("-2.pt")
 
 
 def _estimator(**overrides):

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .paths import is_number_name
+
 if TYPE_CHECKING:
     from torch_xla import stablehlo
 
@@ -64,7 +66,7 @@ def load_bundle(directory: str) -> stablehlo.StableHLOModelBundle:
         state_dict = {name: load_array(path) for name, path in regular_files(data_dir)}
     constants = []
     for name, path in regular_files(os.path.join(directory, CONSTANTS_DIR)):
-        if not name.isdigit():
+        if not is_number_name(name):
             raise ValueError(f"{path}: constants are named by their position (digits only)")
         constants.append((int(name), load_array(path)))
     metas, bytecodes, texts = [], {}, {}

@@ -91,7 +91,8 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.shuffle, bool), f"shuffle must be a bool, got {self.shuffle!r}")
         _require(
-            isinstance(self.num_workers, int) and self.num_workers >= 0,
+            isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
+            and self.num_workers >= 0,
             f"num_workers must be an int >= 0, got {self.num_workers!r}",
         )
         require_positive_int("num_epochs", self.num_epochs)
@@ -277,8 +278,11 @@ class UpdateConfig:
       is set.
     flat_optimizer: on XLA, a torch Adam or AdamW with plain options is stepped over one flat
       buffer per parameter group (flat_update.py) in a handful of traced ops instead of a chain
-      per parameter (about 2x the steps/s of a small model): Adam bit for bit, AdamW's decayed
-      weights within a float32 rounding per step. False keeps torch's own step.
+      per parameter (about 2x the steps/s of a small model): torch's formula op for op, bit
+      for bit plain Adam's numbers; with clipping or AdamW's decay XLA fuses differently, a
+      float32 rounding apart per step (README, Speed). What it does not cover (a parameter
+      replaced or without a gradient, groups added, parameters shared by two optimizers) it
+      hands to torch's own step, exactly, with a log line. False keeps torch's own step.
     """
 
     clip_global_norm: float | None = None
@@ -377,9 +381,10 @@ class RunConfig:
             _require(value is None or (isinstance(value, (int, float))
                                        and not isinstance(value, bool) and value > 0),
                      f"{name} must be a positive number or None, got {value!r}")
-        _require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-            f"seed must be an int >= 0, got {self.seed!r}",
+        _require(  # torch and torch_xla take unsigned 64-bit seeds
+            isinstance(self.seed, int) and not isinstance(self.seed, bool)
+            and 0 <= self.seed < 2**64,
+            f"seed must be an int in [0, 2**64), got {self.seed!r}",
         )
         _require(
             isinstance(self.tpu_config, TPUConfig),

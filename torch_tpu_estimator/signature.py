@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .paths import relative_inside
+from .paths import is_number_name, relative_inside
 
 SIGNATURE_NAME = "signature.json"
 STABLEHLO_DIR = "stablehlo"
@@ -186,7 +186,7 @@ def newest_export(path: str) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"no export at {path!r}: not a directory")
     stamps = [name for name in os.listdir(path)
-              if name.isdigit() and is_export_dir(os.path.join(path, name))]
+              if is_number_name(name) and is_export_dir(os.path.join(path, name))]
     if not stamps:
         raise ValueError(f"no export at {path!r}: it has no {SIGNATURE_NAME} and no timestamped "
                          "export directory")
