@@ -18,6 +18,11 @@ batch and `params["context"]` naming its shard, and its batches are used as they
 Every batch has the same leading size, so each mode compiles one graph: training keeps whole
 batches only, eval and predict pad the last one (repeating its last example) and report how many
 of its rows are real.
+
+Random draws made while batches are made (a Dataset's `__getitem__`, an iterable's batches) come
+from the host generators seeded by the run seed and the position (host_random.py): each example
+of a map-style Dataset by its index and the pass, each batch of an iterable by its place in the
+pass. A batch read again after a restart, or read ahead, holds what it held the first time.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One InputPipeline per input_fn call this process makes (context.ModeContext.input_shards),
 joined step by step. In training the streams remember how far the steps have read them (not how
-far the device loader has prefetched), and hand that position to the checkpoint and take it back
+far the loop has read ahead), and hand that position to the checkpoint and take it back
 on resume, through state_dict / load_state_dict like every other stateful component.
 """
 

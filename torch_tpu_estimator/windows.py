@@ -103,5 +103,5 @@ class WindowedBatches:
         return time.perf_counter() - self.started
 
     def close(self) -> None:
-        """Stops the device loader's threads."""
+        """Stops reading the input (a DataLoader's workers end with it)."""
         self.batches.close()

@@ -1,4 +1,4 @@
-"""One process per XLA device (TPU chip): xmp.spawn, MpDeviceLoader, xm.reduce_gradients.
+"""One process per XLA device (TPU chip): xmp.spawn, xm.reduce_gradients, xm.mesh_reduce.
 
 With one device (one TPU chip, or PJRT_DEVICE=CPU) the replica runs in the caller's process, so
 `train` then `evaluate` then `predict` can share it. With several devices the caller never

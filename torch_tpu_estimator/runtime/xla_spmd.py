@@ -59,8 +59,8 @@ def batch_axes(tpu_config: TPUConfig, axes: tuple[str, ...]) -> tuple[str, ...]:
 class BatchAxisSharding:
     """Splits every input tensor along dim 0 over the batch axes; scalars are replicated.
 
-    MpDeviceLoader asks its `input_sharding` for `xla_spec(tensor)` and `minibatch`; one
-    xs.ShardingSpec fits one tensor rank only, so this picks the spec by rank.
+    xm.send_cpu_data_to_device asks its `input_sharding` for `xla_spec(tensor)` and
+    `minibatch`; one xs.ShardingSpec fits one tensor rank only, so this picks the spec by rank.
     """
 
     minibatch = False
