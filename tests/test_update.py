@@ -493,12 +493,21 @@ def _stepping_itself(model, features, labels, mode, params, update):
     return TPUEstimatorSpec(mode, loss=loss.detach())
 
 
+def _two_steps_a_batch(model, features, labels, mode, params, update):
+    """Two updates of one optimizer in one step (a WGAN critic's n_critic loop)."""
+    for _ in range(2):
+        loss = F.cross_entropy(model(features), labels)
+        update.step(loss, "default")
+    return TPUEstimatorSpec(mode, loss=loss.detach())
+
+
 STEPPING_ITSELF = r"""
 import json, sys, torch
 from helpers import make_data, make_estimator, model_fn
-from test_update import _sgd_with_schedule, _stepping_itself
-fn = {"itself": _stepping_itself, "built_in": model_fn}[sys.argv[1]]
-kwargs = {"xla": {}, "gloo2": {"use_tpu": False, "num_shards": 2}}[sys.argv[2]]
+from test_update import _sgd_with_schedule, _stepping_itself, _two_steps_a_batch
+fn = {"itself": _stepping_itself, "built_in": model_fn, "twice": _two_steps_a_batch}[sys.argv[1]]
+kwargs = {"xla": {}, "gloo2": {"use_tpu": False, "num_shards": 2},
+          "torch": {"use_tpu": False}}[sys.argv[2]]
 estimator = make_estimator(sys.argv[3], fn=fn, optimizer_fn=_sgd_with_schedule, **kwargs)
 estimator.train(lambda params: make_data(64), steps=5)
 saved = torch.load(estimator.latest_checkpoint(), weights_only=True)
@@ -515,6 +524,16 @@ def test_a_model_fn_stepping_its_optimizer_itself_updates_once_per_step(tmp_path
             for fn in ("itself", "built_in")}
     assert runs["itself"] == runs["built_in"]
     assert runs["itself"]["epoch"] == 5
+
+
+def test_each_update_of_an_optimizer_averages_its_own_gradients_over_replicas(tmp_path):
+    """Two update.step calls of one optimizer in a step: 2 gloo replicas, each with half of
+    every batch, end where one replica with the whole batch ends."""
+    one = run_fresh(STEPPING_ITSELF, "twice", "torch", tmp_path / "one")
+    two = run_fresh(STEPPING_ITSELF, "twice", "gloo2", tmp_path / "two")
+    for name, value in one["model"].items():
+        np.testing.assert_allclose(two["model"][name], value, rtol=1e-5, atol=1e-6)
+    assert one["epoch"] == two["epoch"] == 10
 
 
 def _both_stepping_themselves(model, features, mode, update):

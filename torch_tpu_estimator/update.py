@@ -144,7 +144,7 @@ class UpdateStep:
         self.global_step = 0  # the step being run, counted from 1
         self.took_charge = False  # whether model_fn ran an update in this step
         self._applying: str | None = None  # the optimizer the built-in update is stepping
-        self._reduced: set[str] = set()  # optimizers whose gradients this step averaged
+        self._reduced: set[str] = set()  # optimizers whose gradients are averaged, not yet used
         self._stepped_directly: set[str] = set()  # optimizers model_fn stepped itself
         self._accumulating = False
 
@@ -187,6 +187,7 @@ class UpdateStep:
         self._stepped_directly.add(name)
         if name not in self._reduced:
             self.reduce_gradients(name)
+        self._reduced.discard(name)  # this step uses them: the next one needs a new average
 
     def backward(self, loss: torch.Tensor, optimizer: str | None = None, *,
                  retain_graph: bool = False) -> None:
@@ -199,6 +200,8 @@ class UpdateStep:
         inputs = None if optimizer is None else [
             parameter for parameter in _parameters(self.optimizers[self._named(optimizer)])
             if parameter.requires_grad]
+        if inputs == []:
+            return  # every parameter of that optimizer is frozen: no gradient to compute
         try:
             torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph)
         except RuntimeError as error:
@@ -212,7 +215,8 @@ class UpdateStep:
 
     def reduce_gradients(self, optimizer: str | None = None) -> None:
         """Averages the gradients of an optimizer's parameters over replicas (a no-op with one
-        replica, and on an SPMD mesh, where the compiler already reduced them)."""
+        replica, and on an SPMD mesh, where the compiler already reduced them). That
+        optimizer's next step, by apply() or its own step(), takes them as they are."""
         name = self._named(optimizer)
         self._reduced.add(name)
         self.replica.reduce_gradients(_parameters(self.optimizers[name]))
@@ -240,6 +244,7 @@ class UpdateStep:
             self._steppers[name]()
         finally:
             self._applying = None
+            self._reduced.discard(name)
         if self.schedulers[name] is not None:
             self.schedulers[name].step()
         return norm
