@@ -6,6 +6,8 @@ replicas are launched, how input is laid over devices and how gradients are comb
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +23,8 @@ from .. import xla_compat
 from .base import RecompilationError, Replica
 
 T = TypeVar("T")
+
+SENT_AHEAD = 2  # batches on their way to the device while a step is traced
 
 
 def _call(body: Callable[[], T]) -> T:
@@ -70,15 +74,31 @@ class XlaReplica(Replica):
         return True  # one device or an SPMD mesh alike: every batch is laid out alike
 
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
-        # Made and sent from this thread, as the loop asks for them, not by MpDeviceLoader's
-        # threads: the input draws from the host generators seeded per example and batch
-        # (host_random.py), which another thread drawing at the same time would disturb. The
-        # transfer returns at once; the device runs the previous step meanwhile. Steps are cut
-        # by the step runner alone: every mark_step advances the XLA RNG seed, so a fixed
-        # number per step keeps dropout identical however windows and resumes fall.
+        # Each batch is made in this thread, as the loop asks for the one SENT_AHEAD batches
+        # before it: the input draws from the host generators seeded per example and batch
+        # (host_random.py), which a second thread drawing beside model_fn would disturb. Its
+        # copy to the device runs in a thread of its own, as MpDeviceLoader's do: a transfer
+        # made while the device is busy waits on the busy cores, and this thread meanwhile
+        # traces the next step. Steps are cut by the step runner alone: every mark_step
+        # advances the XLA RNG seed, so a fixed number per step keeps dropout identical
+        # however windows and resumes fall.
         sharding = self.input_sharding()
-        for batch in host_batches:
-            yield xm.send_cpu_data_to_device([batch], self.device, sharding)[0]
+        batches = iter(host_batches)
+        with concurrent.futures.ThreadPoolExecutor(1, "torch_tpu_estimator-send") as sender:
+            sent: collections.deque = collections.deque()
+
+            def send_next() -> None:
+                batch = next(batches, None)
+                if batch is not None:
+                    sent.append(sender.submit(xm.send_cpu_data_to_device, [batch], self.device,
+                                              sharding))
+
+            for _ in range(SENT_AHEAD):
+                send_next()
+            while sent:
+                transfer = sent.popleft()
+                send_next()
+                yield transfer.result()[0]
 
     def restorable(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # A 0-dim tensor copied to an XLA device takes the device value torch_xla caches for a
