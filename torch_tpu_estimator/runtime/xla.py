@@ -57,8 +57,8 @@ def is_cpu_backend() -> bool:
 
 
 class XlaReplica(Replica):
-    """Device batches sent from the training thread, one graph cut per step, reads in one
-    transfer."""
+    """Device batches made in the training thread and sent by one of their own, one graph cut
+    per step, reads in one transfer."""
 
     def input_sharding(self) -> Any:
         """How a host batch is laid over devices (xm.send_cpu_data_to_device); None puts it on
