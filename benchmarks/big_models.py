@@ -114,8 +114,8 @@ def measure_checkpoint(sharding: str, millions: int) -> dict:
     import torch
     from torch.utils.data import TensorDataset
 
-    from torch_tpu_estimator.run_state import Checkpoint
-    from torch_tpu_estimator.train import TrainProgram
+    from torch_tpu_estimator.modes.train import TrainProgram
+    from torch_tpu_estimator.state.run_state import Checkpoint
 
     width = 2048
     layers = max(1, round(millions * 1e6 / (width * width)))

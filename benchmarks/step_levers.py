@@ -71,7 +71,7 @@ def optimizer_steps(lever: str, model: Any, features: list, labels: list) -> tup
     import torch.nn.functional as F
     import torch_xla
 
-    from torch_tpu_estimator.flat_update import FlatAdam
+    from torch_tpu_estimator.step.flat_update import FlatAdam
 
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     optimizer_step = optimizer.step

@@ -15,7 +15,7 @@ import torch
 from helpers import make_data, make_estimator, run_fresh, same_values
 
 from torch_tpu_estimator import ModeKeys, TPUEstimatorSpec
-from torch_tpu_estimator.run_state import Checkpoint
+from torch_tpu_estimator.state.run_state import Checkpoint
 
 TRANSFORMER = r"""
 import json, sys
@@ -23,8 +23,9 @@ import torch, torch.nn.functional as F
 import torch_xla
 import torch_xla.distributed.spmd as xs
 from helpers import make_estimator
-from torch_tpu_estimator import DatasetConfig, LossHistory, ModeKeys, TPUEstimatorSpec, xla_compat
-from torch_tpu_estimator.run_state import Checkpoint
+from torch_tpu_estimator import DatasetConfig, LossHistory, ModeKeys, TPUEstimatorSpec
+from torch_tpu_estimator.runtime import xla_compat
+from torch_tpu_estimator.state.run_state import Checkpoint
 
 class Classifier(torch.nn.Module):
     def __init__(self):

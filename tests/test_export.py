@@ -192,7 +192,7 @@ def test_export_directory_layout_signature_and_assets(trained, tmp_path):
 
 def test_exports_never_overwrite_and_the_newest_is_served_even_if_the_clock_goes_back(
         trained, tmp_path, monkeypatch):
-    import torch_tpu_estimator.export as export
+    import torch_tpu_estimator.export.saved_model as export
 
     features = TowerData(3).features()
     paths = []
@@ -209,7 +209,7 @@ def test_entries_named_by_unicode_digits_are_not_taken_for_exports(trained, tmp_
                                                                     monkeypatch):
     """'²' and '٣' pass str.isdigit, which int() refuses or reads as 3: neither stops an
     export nor passes for one."""
-    import torch_tpu_estimator.export as export
+    import torch_tpu_estimator.export.saved_model as export
 
     monkeypatch.setattr(export.time, "time", lambda: 1000.0)
     for name in ("²", "٣"):
@@ -340,7 +340,7 @@ def test_bfloat16_weights_export_as_float32_and_serve(trained, tmp_path):
 
 
 def test_a_failed_write_leaves_no_partial_export(trained, tmp_path, monkeypatch):
-    import torch_tpu_estimator.export as export
+    import torch_tpu_estimator.export.saved_model as export
 
     def disk_full(directory, assets_extra):
         open(os.path.join(directory, "half-written"), "w").close()

@@ -21,8 +21,9 @@ import torch
 from helpers import make_data, make_estimator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from torch_tpu_estimator import checkpoint, load_exported
-from torch_tpu_estimator.locking import ModelDirInUseError
+from torch_tpu_estimator import load_exported
+from torch_tpu_estimator.state import checkpoint
+from torch_tpu_estimator.state.locking import ModelDirInUseError
 
 
 @pytest.fixture(scope="module")
@@ -515,7 +516,7 @@ def test_two_quick_calls_keep_every_steps_summaries(tmp_path, monkeypatch):
 
 HOLD_FOLDER = r"""
 import sys, time
-from torch_tpu_estimator.locking import hold_directory
+from torch_tpu_estimator.state.locking import hold_directory
 hold_directory(sys.argv[1])
 print("held", flush=True)
 time.sleep(600)

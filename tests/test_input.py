@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from torch_tpu_estimator.config import DatasetConfig
+from torch_tpu_estimator.api.config import DatasetConfig
+from torch_tpu_estimator.api.spec import ModeKeys
 from torch_tpu_estimator.data import TensorSlices
-from torch_tpu_estimator.input import InputPipeline, InputPosition, InputShard
+from torch_tpu_estimator.input.pipeline import InputPipeline, InputPosition, InputShard
 from torch_tpu_estimator.runtime.base import ReplicaContext
-from torch_tpu_estimator.spec import ModeKeys
 
 CONTEXT = ReplicaContext(0, 2, 0, 1, device="cpu")
 

@@ -16,7 +16,7 @@ from test_eval_predict import metric_fn
 from torch.utils.data import TensorDataset
 
 from torch_tpu_estimator import ModeKeys, TPUConfig, TPUEstimatorSpec
-from torch_tpu_estimator.replay import GroupPlan, Source
+from torch_tpu_estimator.step.replay import GroupPlan, Source
 
 CALLS: collections.Counter = collections.Counter()
 

@@ -180,7 +180,7 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
     good = estimator.latest_checkpoint()
     good_weights = checkpoint_weights(estimator)
 
-    import torch_tpu_estimator.checkpoint as checkpoint_module
+    import torch_tpu_estimator.state.checkpoint as checkpoint_module
 
     def crash_mid_write(state, handle):
         handle.write(b"half a checkpoint")

@@ -31,10 +31,10 @@ from torch_tpu_estimator import (
     TPUEstimatorSpec,
     UpdateConfig,
 )
-from torch_tpu_estimator.checkpoint import latest_checkpoint
 from torch_tpu_estimator.data import TensorSlices
-from torch_tpu_estimator.flat_update import FlatAdam
-from torch_tpu_estimator.run_state import Checkpoint
+from torch_tpu_estimator.state.checkpoint import latest_checkpoint
+from torch_tpu_estimator.state.run_state import Checkpoint
+from torch_tpu_estimator.step.flat_update import FlatAdam
 
 CLIP = 0.05
 

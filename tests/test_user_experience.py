@@ -61,7 +61,7 @@ def test_progress_shows_by_default_and_after_the_user_configures_logging(tmp_pat
 PROGRESS = r"""
 import json, sys
 import torch_xla.debug.metrics as met
-import torch_tpu_estimator.progress as progress
+import torch_tpu_estimator.observability.progress as progress
 from helpers import make_data, make_estimator
 progress.LOG_EVERY_SECONDS = 0  # a line at every window end
 lines = []

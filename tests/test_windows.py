@@ -12,7 +12,7 @@ from helpers import make_data, make_estimator, run_fresh
 from test_eval_predict import exact_model_fn
 
 from torch_tpu_estimator import TPUConfig
-from torch_tpu_estimator.windows import WindowedBatches, groups, steps_per_program
+from torch_tpu_estimator.step.windows import WindowedBatches, groups, steps_per_program
 
 
 @pytest.mark.parametrize(("setting", "window_steps", "expected"), [

@@ -13,35 +13,35 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "CheckpointSaverListener": "hooks",
-    "DatasetConfig": "config",
+    "CheckpointSaverListener": "api.hooks",
+    "DatasetConfig": "api.config",
     "EarlyStopping": "schedule",
-    "EstimatorSpec": "spec",
-    "ExportedModel": "serving",
-    "Hook": "hooks",
-    "InputPipelineConfig": "config",
+    "EstimatorSpec": "api.spec",
+    "ExportedModel": "export.serving",
+    "Hook": "api.hooks",
+    "InputPipelineConfig": "api.config",
     "KeepBestCheckpoint": "schedule",
-    "LoggingHook": "hooks",
-    "LossHistory": "hooks",
-    "ModeKeys": "spec",
-    "ModelDirInUseError": "locking",
-    "NanLossDuringTrainingError": "hooks",
-    "NanLossGuard": "hooks",
+    "LoggingHook": "api.hooks",
+    "LossHistory": "api.hooks",
+    "ModeKeys": "api.spec",
+    "ModelDirInUseError": "state.locking",
+    "NanLossDuringTrainingError": "api.hooks",
+    "NanLossGuard": "api.hooks",
     "RecompilationError": "runtime.base",
     "ReplicaContext": "runtime.base",
     "ReplicaFailedError": "runtime.launcher",
     "ReplicaHungError": "runtime.launcher",
-    "RunConfig": "config",
-    "RunContext": "hooks",
-    "StopAtStepHook": "hooks",
-    "TPUConfig": "config",
+    "RunConfig": "api.config",
+    "RunContext": "api.hooks",
+    "StopAtStepHook": "api.hooks",
+    "TPUConfig": "api.config",
     "TPUEstimator": "estimator",
-    "TPUEstimatorSpec": "spec",
-    "UpdateConfig": "config",
-    "UpdateStep": "update",
-    "WarmStartSettings": "warm_start",
-    "Window": "hooks",
-    "load_exported": "serving",
+    "TPUEstimatorSpec": "api.spec",
+    "UpdateConfig": "api.config",
+    "UpdateStep": "step.update",
+    "WarmStartSettings": "state.warm_start",
+    "Window": "api.hooks",
+    "load_exported": "export.serving",
     "train_and_evaluate": "schedule",
 }
 
@@ -51,8 +51,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _EXPORTS[name] == "serving":  # torch_xla's import configures the root logger
-        from .logs import keeping_root_logging
+    if _EXPORTS[name] == "export.serving":  # torch_xla's import configures the root logger
+        from .common.logs import keeping_root_logging
 
         with keeping_root_logging():
             module = importlib.import_module(f".{_EXPORTS[name]}", __name__)

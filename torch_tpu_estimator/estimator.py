@@ -15,22 +15,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, preemption, summary
-from .binding import INPUT_FN_ARGUMENTS, MODEL_FN_ARGUMENTS, bind
-from .config import InputPipelineConfig, RunConfig
-from .context import RESERVED_PARAMS, ModeContext
-from .hooks import Hook, require_hooks
-from .inference import evaluate_replica, predict_replica
-from .job import InputFn, Job, ModelInitFn, OptimizerFn
-from .logs import keeping_root_logging
-from .paths import relative_inside
-from .run_state import Checkpoint, RunState
+from .api.binding import INPUT_FN_ARGUMENTS, MODEL_FN_ARGUMENTS, bind
+from .api.config import InputPipelineConfig, RunConfig
+from .api.hooks import Hook, require_hooks
+from .api.job import InputFn, Job, ModelInitFn, OptimizerFn
+from .api.spec import ModeKeys
+from .common.logs import keeping_root_logging
+from .common.paths import relative_inside
+from .export.signature import DEFAULT_SERVING_BATCH_SIZES, named_rows
+from .modes.inference import evaluate_replica, predict_replica
+from .modes.train import train_replica
+from .observability import summary
 from .runtime import Launcher, Topology, resolve_launcher
 from .runtime.torch_dist import TorchLauncher, cpu_replica
-from .signature import DEFAULT_SERVING_BATCH_SIZES, named_rows
-from .spec import ModeKeys
-from .train import train_replica
-from .warm_start import WarmStartSettings
+from .state import checkpoint
+from .state.run_state import Checkpoint, RunState
+from .state.warm_start import WarmStartSettings
+from .step import preemption
+from .step.context import RESERVED_PARAMS, ModeContext
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -357,8 +359,8 @@ class TPUEstimator:
                              f"{weights_dtype!r} (torch_xla 2.9's exporter stores weights as NumPy "
                              "arrays, which have no bfloat16)")
         with keeping_root_logging():  # torch_xla's import configures the root logger
-            from .export import export_model, serving_weights
-        from .tf_export import import_tensorflow
+            from .export.saved_model import export_model, serving_weights
+        from .export.tf_export import import_tensorflow
         if as_tf_saved_model:
             import_tensorflow()
         features = serving_input_receiver_fn_or_example_features

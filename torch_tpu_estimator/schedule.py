@@ -10,12 +10,12 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from .checkpoint import atomic_directory, atomic_write
-from .config import require_positive_int
+from .api.config import require_positive_int
+from .api.hooks import Hook, RunContext, require_hooks
+from .api.job import InputFn
+from .api.spec import ModeKeys
 from .estimator import TPUEstimator
-from .hooks import Hook, RunContext, require_hooks
-from .job import InputFn
-from .spec import ModeKeys
+from .state.checkpoint import atomic_directory, atomic_write
 
 logger = logging.getLogger("torch_tpu_estimator")
 

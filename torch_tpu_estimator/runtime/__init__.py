@@ -3,8 +3,8 @@ workers (base.py)."""
 
 from __future__ import annotations
 
-from ..config import TPUConfig
-from ..logs import keeping_root_logging
+from ..api.config import TPUConfig
+from ..common.logs import keeping_root_logging
 from .base import Launcher, Replica, ReplicaContext, Topology
 
 __all__ = ["Launcher", "Replica", "ReplicaContext", "Topology", "resolve_launcher"]

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ..logs import replica_logging
+from ..common.logs import replica_logging
 
 logger = logging.getLogger("torch_tpu_estimator")
 T = TypeVar("T")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..tree import map_tensors
+from ..common.tree import map_tensors
 from .base import Launcher, Progress, Replica, Topology
 from .launcher import Heartbeats, launch_processes
 

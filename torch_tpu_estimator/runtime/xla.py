@@ -19,7 +19,7 @@ import torch_xla.core.xla_model as xm
 import torch_xla.debug.metrics as met
 import torch_xla.runtime as xr
 
-from .. import xla_compat
+from . import xla_compat
 from .base import RecompilationError, Replica
 
 T = TypeVar("T")

@@ -26,8 +26,8 @@ import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
 from torch.utils._pytree import tree_map_only
 
-from .. import xla_compat
-from ..config import TPUConfig
+from ..api.config import TPUConfig
+from . import xla_compat
 from .base import Launcher, Replica, ReplicaContext, Topology
 from .xla import XlaReplica, replica_device_count
 

@@ -1,0 +1,1 @@
+"""The replica workers of each call: train, evaluate and predict."""

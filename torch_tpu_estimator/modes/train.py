@@ -1,0 +1,197 @@
+"""Training on one replica: the update step each step, losses read back once per window,
+checkpoints at window ends, SIGTERM and a second trainer handled.
+
+Inside a window nothing is read back from the device: each step's loss stays a device tensor,
+and the window's losses come to the host in one transfer once the window ends. Hooks, logs,
+summaries and checkpoint decisions happen there and only there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..api.hooks import Hook, LoggingHook, NanLossGuard, Window
+from ..api.job import InputFn, Job
+from ..api.spec import ModeKeys, call_with_tensors
+from ..common.tree import map_tensors
+from ..input.pipeline import HostBatch
+from ..input.streams import InputStreams
+from ..observability.progress import progress_hooks
+from ..observability.run_record import RunRecordHook
+from ..observability.summary import TrainSummaryHook
+from ..runtime.base import Replica
+from ..state import checkpoint
+from ..state.checkpoint import latest_checkpoint
+from ..state.locking import model_dir_lock
+from ..state.run_state import Checkpoint, RunState
+from ..state.warm_start import warm_start
+from ..step.context import ModeContext
+from ..step.gather import real_examples
+from ..step.loop import ModeProgram, run_to_end
+from ..step.preemption import TerminationRequest
+from ..step.windows import WindowedBatches, steps_to_next_stop
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+
+def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence[Hook],
+                  steps: int | None, max_steps: int | None) -> bool:
+    """Trains on this replica until the target step, a hook's stop, the input's end or SIGTERM;
+    returns whether SIGTERM ended it.
+
+    The chief holds model_dir's lock throughout: a second trainer is refused, and a model_dir
+    it cannot write is found before the first step.
+    """
+    ctx = ModeContext(job, replica, ModeKeys.TRAIN)
+    if max_steps is not None:  # nothing to write: no lock, a read-only model_dir will do
+        latest = latest_checkpoint(job.model_dir)
+        if latest is not None and checkpoint.step_of(latest) >= max_steps:
+            logger.info("Skipping training: global step %d is already at max_steps %d",
+                        checkpoint.step_of(latest), max_steps)
+            return False
+    with contextlib.ExitStack() as stack:
+        if replica.is_chief:
+            stack.enter_context(model_dir_lock(job.model_dir))
+        interrupt = stack.enter_context(TerminationRequest())
+        one_pass = steps is None and max_steps is None and \
+            job.config.dataset_config.num_epochs is None
+        streams = InputStreams(ctx, input_fn, one_pass)
+        state = RunState.build(ctx, streams)
+        _restore_or_warm_start(ctx, state)
+        target = max_steps if max_steps is not None else (
+            state.global_step + steps if steps is not None else None)
+        windows = WindowedBatches(replica.device_batches(streams.host_batches()), ctx, interrupt)
+        program = TrainProgram(ctx, state, target, hooks)
+        program.context.total_steps = None if target is None else target - state.global_step
+        state.model.train()
+        preempted = run_to_end(program, windows, program.hooks, interrupt)
+        if windows.exhausted:
+            logger.info("Input ended at global step %d%s", state.global_step, (
+                ": one pass over the data, as train() was given no steps or max_steps and "
+                "DatasetConfig no num_epochs" if one_pass else ""))
+        return preempted
+
+
+def _restore_or_warm_start(ctx: ModeContext, state: RunState) -> None:
+    """Restores the latest checkpoint of model_dir, or warm starts the module's weights."""
+    latest = latest_checkpoint(ctx.model_dir)
+    if latest is not None:
+        state.restore(Checkpoint.load(latest))
+        logger.info("Restored %s (global step %d)", latest, state.global_step)
+    elif ctx.job.warm_start_from is not None:
+        warm_start(state.model, ctx.job.warm_start_from)
+        if state.update is not None and state.update.ema is not None:
+            state.update.ema.reset()  # the average starts at the warm-started weights
+
+
+class TrainProgram(ModeProgram):
+    """Training in the loop: update steps, loss windows, host_call, periodic checkpoints."""
+
+    def __init__(self, ctx: ModeContext, state: RunState, target: int | None,
+                 user_hooks: Sequence[Hook]):
+        super().__init__(ctx, state.global_step)
+        self.state, self.target = state, target
+        self.params = ctx.model_params()
+        config = ctx.config
+        self.hooks: list[Hook] = [NanLossGuard()]
+        if config.log_step_count_steps:
+            self.hooks.append(LoggingHook(config.log_step_count_steps))
+        if config.save_summary_steps:
+            self.hooks.append(TrainSummaryHook(ctx.model_dir, config.save_summary_steps))
+        self.hooks.extend(progress_hooks(config.progress))
+        self.hooks.append(RunRecordHook(ctx.job, ctx.replica.topology.name))
+        self.hooks.extend(user_hooks)
+        self.last_saved_step, self.last_saved_time = state.global_step, checkpoint.now()
+        self.learning_rates: list[dict[str, float]] = []
+        self.host_call_fn: Callable[..., Any] | None = None
+        self.host_call_every = config.tpu_config.experimental_host_call_every_n_steps
+
+    def steps_left(self) -> float:
+        return steps_to_next_stop(self.state.global_step, self.target,
+                                  [*self.hooks, *(self.spec_hooks or ())])
+
+    def step(self, batch: HostBatch) -> tuple[torch.Tensor, Any]:
+        update = self.state.update
+        self.learning_rates.append(update.learning_rates())
+        spec = update.run(
+            lambda features, labels, params, update: self.ctx.call_model_fn(
+                self.state.model, features, labels, params, update),
+            batch.features, batch.labels, self.params, self.state.global_step + 1)
+        self.note_spec_hooks(spec)
+        self.state.global_step += 1
+        self.state.streams.consumed(batch)
+        host_call = None
+        if spec.host_call is not None and self.state.global_step % self.host_call_every == 0:
+            self.host_call_fn, tensors = spec.host_call
+            host_call = map_tensors(torch.Tensor.detach, tensors)
+        return spec.loss.detach(), host_call
+
+    def window_end(self, outputs: list[Any], batches: list[HostBatch],
+                   seconds: float) -> tuple[Window, None]:
+        replica = self.ctx.replica
+        first_step = self.context.global_step
+        losses, host_call_tensors = replica.to_host([[loss for loss, _ in outputs],
+                                                     [tensors for _, tensors in outputs]])
+        if self.host_call_fn is not None:
+            self._run_host_call(host_call_tensors, first_step)
+        window = Window(first_step=first_step, last_step=self.state.global_step,
+                        losses=replica.host_mean(torch.stack(losses).double().numpy()),
+                        group_learning_rates=self.learning_rates, seconds=seconds,
+                        examples=len(outputs) * self.ctx.global_batch_size)
+        self.learning_rates = []
+        self.context.global_step = self.state.global_step
+        return window, None
+
+    def _run_host_call(self, per_step: list[Any], first_step: int) -> None:
+        """Calls a TRAIN spec's host_call fn on the chief once per step of the window that kept
+        its tensors (every n-th: TPUConfig.experimental_host_call_every_n_steps), with that
+        step's tensors gathered from every replica (and `global_step=` when fn takes it)."""
+        gathered = self.ctx.replica.host_gather(per_step)
+        if not self.ctx.is_chief:
+            return
+        takes_step = "global_step" in inspect.signature(self.host_call_fn).parameters
+        for index in range(len(per_step)):
+            if per_step[index] is None:
+                continue
+            tensors = real_examples([[replica[index]] for replica in gathered],
+                                    [[self.params["batch_size"]]] * len(gathered))
+            extra = {"global_step": first_step + index + 1} if takes_step else {}
+            call_with_tensors(self.host_call_fn, tensors, **extra)
+
+    def after_hooks(self, window: Window, hooks: Sequence[Hook]) -> None:
+        config = self.ctx.config
+        due = config.save_checkpoints_steps is not None and \
+            self.state.global_step - self.last_saved_step >= config.save_checkpoints_steps
+        if config.save_checkpoints_secs is not None:  # the chief's clock decides for everyone
+            due = self.ctx.replica.host_gather(
+                due or checkpoint.now() - self.last_saved_time >= config.save_checkpoints_secs)[0]
+        if due:
+            self._save(hooks)
+
+    def finish(self, hooks: Sequence[Hook], preempted: bool) -> None:
+        if self.state.global_step != self.last_saved_step:
+            self._save(hooks)
+        if preempted and self.ctx.is_chief:
+            logger.warning("SIGTERM: stopped at global step %d and wrote its checkpoint; run the "
+                           "same call again to continue from there", self.state.global_step)
+
+    def _save(self, hooks: Sequence[Hook]) -> None:
+        """Writes a checkpoint from the chief (every process gives its RNGs and input position),
+        with the hooks' before_save / after_save around it; the others wait at a barrier."""
+        snapshot = self.state.capture()
+        if self.ctx.is_chief:
+            for hook in hooks:
+                hook.before_save(self.context)
+            path = checkpoint.save_checkpoint(self.ctx.model_dir, self.state.global_step,
+                                              snapshot, self.ctx.config.keep_checkpoint_max,
+                                              self.ctx.config.keep_checkpoint_every_n_hours)
+            for hook in hooks:
+                hook.after_save(self.context, path)
+        self.ctx.replica.barrier("checkpoint_saved")
+        self.last_saved_step, self.last_saved_time = self.state.global_step, checkpoint.now()

@@ -1,0 +1,214 @@
+"""Adam and AdamW stepped over one flat buffer per parameter group, on XLA: torch's arithmetic in
+a handful of traced ops.
+
+On XLA the host traces every op of a step, and torch.optim.Adam's chain of in-place ops per
+parameter, each through torch's Python shape checks, was 75% of a small model's step. Here a
+group's parameters become views into one flat buffer and its two moments are flat too: a step
+concatenates the gradients once and runs torch's own formula (`_single_tensor_adam`, the
+non-capturable path: the same ops in the same order, with the same Python-float bias
+corrections) on the three buffers, out of place with one copy back per buffer. The optimizer
+keeps torch's state layout (each parameter's moments are views of the flat ones, its step a CPU
+tensor), so its state_dict, checkpoints and a resume are unchanged; a state loaded from a
+checkpoint is copied into the flat buffers at the next step.
+
+What the numbers are: every element goes through torch's formula, op for op. XLA compiles the
+flat graph with other fusions than torch's per-parameter graph, and where a fusion turns a
+multiply and an add into one fused multiply-add it rounds once instead of twice, so the two can
+differ by a float32 rounding in a step (README, Speed: measured bounds). A run and its resume
+take the same path and agree bit for bit.
+
+What it does not cover it hands, for good and with a log line saying why, to torch's own
+`optimizer.step()`: a parameter that stops being a view of its buffer (`param.data = ...`),
+groups that change (`add_param_group`), a parameter without a gradient in a step (frozen, or
+unused), step counts that differ (a checkpoint of such a run). Each parameter and moment then
+gets its own storage back, so torch's steps run as they would have from the start.
+Optimizers that share a parameter are never flattened (update.py): a second buffer would take
+the parameter from the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+_FLAT_OPTIONS = {"amsgrad": False, "maximize": False, "capturable": False,
+                 "differentiable": False}
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """Which storage a tensor's data lives in (views of one buffer share it)."""
+    return tensor.untyped_storage()._cdata
+
+
+def flattenable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` is a torch Adam or AdamW this module steps exactly: plain options,
+    float learning rates, every parameter a dense float tensor on one XLA device, each once."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    devices = {parameter.device for parameter in parameters}
+    try:
+        [_storage(parameter) for parameter in parameters]
+    except (RuntimeError, NotImplementedError):  # no storage to tell views by (no functionalization)
+        return False
+    return bool(parameters) and len(devices) == 1 and next(iter(devices)).type == "xla" and all(
+        all(group.get(key, value) == value for key, value in _FLAT_OPTIONS.items())
+        and not group.get("foreach") and not group.get("fused")
+        and isinstance(group["lr"], float) and not isinstance(group["betas"][0], torch.Tensor)
+        for group in optimizer.param_groups) and all(
+        parameter.dtype == torch.float32 and parameter.layout == torch.strided
+        for parameter in parameters) and len({id(parameter) for parameter in parameters}) == len(
+        parameters)
+
+
+@dataclasses.dataclass
+class _Group:
+    parameters: list[torch.Tensor]
+    weights: torch.Tensor  # every parameter of the group is a view into it
+    storage: int  # the weights' storage, which every parameter's data must stay in
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+    state_views: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+def _views(flat: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for parameter in parameters:
+        views.append(flat[offset:offset + parameter.numel()].view_as(parameter))
+        offset += parameter.numel()
+    return views
+
+
+class FlatAdam:
+    """Steps a torch Adam/AdamW (flattenable) over flat buffers; its state stays torch's.
+    `name` is the optimizer's name in the log lines that say when torch's step runs instead."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str = "default"):
+        self.optimizer, self.name = optimizer, name
+        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
+            group.get("decoupled_weight_decay") for group in optimizer.param_groups)
+        self.groups = []
+        self.handed_back = False  # torch's own step from now on
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                parameters = list(group["params"])
+                weights = torch.cat([parameter.detach().reshape(-1) for parameter in parameters])
+                for parameter, view in zip(parameters, _views(weights, parameters), strict=True):
+                    parameter.data = view
+                self.groups.append(_Group(parameters, weights, _storage(weights)))
+
+    def _moments(self, group: _Group) -> None:
+        """Points the optimizer's per-parameter moments at views of the group's flat ones:
+        zeros on the first step, the loaded values after a load_state_dict."""
+        state = self.optimizer.state
+        current = [state[parameter].get(name) for name in ("exp_avg", "exp_avg_sq")
+                   for parameter in group.parameters]
+        if group.state_views and all(value is view for value, view in
+                                     zip(current, group.state_views, strict=True)):
+            return  # still ours
+        group.state_views = []
+        for name in ("exp_avg", "exp_avg_sq"):
+            if all(name in state[parameter] for parameter in group.parameters):
+                flat = torch.cat([state[parameter][name].reshape(-1)
+                                  for parameter in group.parameters])
+            else:
+                flat = torch.zeros_like(group.weights)
+            setattr(group, name, flat)
+            for parameter, view in zip(group.parameters, _views(flat, group.parameters),
+                                       strict=True):
+                state[parameter][name] = view
+                group.state_views.append(view)
+        for parameter in group.parameters:
+            state[parameter].setdefault("step", torch.tensor(0.0))
+
+    def _torch_step_needed(self) -> str | None:
+        """Why torch's own step must run from now on, if it must: the flat buffers no longer
+        hold every parameter, or this step is one the flat formula does not cover."""
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.groups) or any(
+                len(options["params"]) != len(group.parameters)
+                or any(a is not b for a, b in zip(options["params"], group.parameters,
+                                                  strict=True))
+                for options, group in zip(groups, self.groups, strict=False)):
+            return "its parameter groups changed (add_param_group)"
+        parameters = [parameter for group in self.groups for parameter in group.parameters]
+        if any(_storage(parameter) != group.storage
+               for group in self.groups for parameter in group.parameters):
+            return "a parameter's data was replaced (param.data = ...)"
+        if any(parameter.grad is None for parameter in parameters):
+            return "a parameter has no gradient (frozen, or unused by this step's loss)"
+        state = self.optimizer.state  # a defaultdict: read with get, never create entries
+        if len({float(state.get(parameter, {}).get("step", 0)) for parameter in parameters}) > 1:
+            return "its parameters have taken different numbers of steps"
+        return None
+
+    def _hand_back(self, reason: str) -> None:
+        """Gives every parameter and moment still in a flat buffer storage of its own again,
+        computed now, so that torch's step from here on runs exactly as if it had run from the
+        start; says why, once."""
+        from ..runtime import xla_compat
+
+        logger.info("flat_optimizer: optimizer %r takes torch's own Adam step from now on, "
+                    "because %s", self.name, reason)
+        self.handed_back = True
+        state, copies = self.optimizer.state, []
+        with torch.no_grad():
+            for group in self.groups:
+                for parameter in group.parameters:
+                    if _storage(parameter) == group.storage:
+                        parameter.data = parameter.data.clone()
+                        copies.append(parameter.data)
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        moment = state.get(parameter, {}).get(name)
+                        if any(moment is view for view in group.state_views):
+                            state[parameter][name] = moment.clone()
+                            copies.append(state[parameter][name])
+        if copies:
+            xla_compat.materialize(copies)
+        self.groups = []
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if not self.handed_back:
+            reason = self._torch_step_needed()
+            if reason is not None:
+                self._hand_back(reason)
+        if self.handed_back:
+            self.optimizer.step()
+            return
+        for group, options in zip(self.groups, self.optimizer.param_groups, strict=True):
+            self._moments(group)
+            self._step(group, options)
+        # what torch's LR scheduler wrapper of optimizer.step records, so that the scheduler's
+        # first step does not warn that the optimizer never stepped
+        self.optimizer._opt_called = True
+
+    def _step(self, group: _Group, options: dict) -> None:
+        state = self.optimizer.state
+        for parameter in group.parameters:
+            state[parameter]["step"] += 1
+        step = float(state[group.parameters[0]]["step"])
+        lr, (beta1, beta2) = options["lr"], options["betas"]
+        weight_decay, eps = options["weight_decay"], options["eps"]
+        grad = torch.cat([parameter.grad.reshape(-1) for parameter in group.parameters])
+        weights = group.weights
+        if weight_decay != 0:
+            if self.decoupled:
+                weights = weights * (1 - lr * weight_decay)
+            else:
+                grad = grad.add(weights, alpha=weight_decay)
+        # torch's ops out of place, each buffer written back once: the in-place forms would pass
+        # through torch's Python shape checks on every step (see the module docstring)
+        exp_avg = torch.lerp(group.exp_avg, grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(group.exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = exp_avg_sq.sqrt() / bias_correction2**0.5 + eps
+        group.exp_avg.copy_(exp_avg)
+        group.exp_avg_sq.copy_(exp_avg_sq)
+        group.weights.copy_(torch.addcdiv(weights, exp_avg, denom, value=-step_size))

@@ -1,0 +1,368 @@
+"""The update step: what happens to the weights after model_fn, built in or in model_fn's hands.
+
+Built in (UpdateConfig): zero the gradients, backward, average them over replicas, clip them by
+global norm, step the optimizer and its LR scheduler, update the EMA of the weights; with
+`accumulation_steps=k`, k micro-batches run inside one compiled step before the one update.
+
+Manual (TF's `train_op` role): a model_fn that takes an argument named `update` may run the
+update itself, with as many optimizers as optimizer_fn returned (a dict of them):
+
+    def model_fn(model, features, labels, mode, params, update):
+        ...
+        update.step(d_loss, "discriminator")   # zero grads, backward, reduce, clip, step
+        update.step(g_loss, "generator")
+        return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
+
+TF's pattern, every network's gradients from one forward pass, then every update (as
+`tf.group(d_opt.minimize(d_loss, var_list=d_vars), g_opt.minimize(g_loss, var_list=g_vars))`):
+
+        update.minimize({"discriminator": d_loss, "generator": g_loss})
+
+or, below that, `update.backward(loss, name)` (the gradients of `loss` for that optimizer's
+parameters alone), `update.apply(name)`, `update.reduce_gradients(name)`,
+`update.clip_grad_norm(max_norm, name)` and the optimizers themselves (`update.optimizers`).
+An optimizer's own `step()` called in model_fn also puts model_fn in charge: its gradients are
+averaged over replicas just before (unless model_fn already called reduce_gradients), and its LR
+scheduler is stepped after model_fn unless model_fn stepped it. Whatever the update keeps
+(optimizers, schedulers, EMA) is in the checkpoint and resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from ..api.config import UpdateConfig
+from ..common.tree import map_tensors
+from ..runtime.base import Progress, Replica
+from .flat_update import FlatAdam, flattenable
+
+logger = logging.getLogger("torch_tpu_estimator")
+
+DEFAULT_OPTIMIZER = "default"
+
+
+class ExponentialMovingAverage:
+    """A moving average of a module's weights on its device: floating tensors are averaged
+    (ema += (1 - decay) * (weights - ema)), other buffers copied; one foreach op a step."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module, self.decay = module, decay
+        self.shadow = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+    def reset(self) -> None:
+        """Starts the average at the module's current weights (restored or warm-started)."""
+        with torch.no_grad():
+            for name, tensor in self.module.state_dict().items():
+                self.shadow[name].copy_(tensor)
+
+    def update(self) -> None:
+        current = self.module.state_dict()
+        floating = [name for name, tensor in self.shadow.items() if tensor.is_floating_point()]
+        with torch.no_grad():
+            torch._foreach_lerp_([self.shadow[name] for name in floating],
+                                 [current[name].detach() for name in floating], 1.0 - self.decay)
+            for name, tensor in self.shadow.items():
+                if not tensor.is_floating_point():
+                    tensor.copy_(current[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise ValueError(f"the checkpoint's EMA holds {sorted(state)}, the model "
+                             f"{sorted(self.shadow)}")
+        with torch.no_grad():
+            for name, tensor in self.shadow.items():
+                if state[name] is not tensor:  # a sharded EMA is read into the shadow in place
+                    tensor.copy_(state[name])
+
+
+def split_optimizer_fn_result(made: Any) -> tuple[dict[str, torch.optim.Optimizer],
+                                                  dict[str, Any]]:
+    """optimizer_fn's answer (an optimizer, (optimizer, scheduler), or a dict of name -> either)
+    as named optimizers and their schedulers (None where there is none)."""
+    named = made if isinstance(made, Mapping) else {DEFAULT_OPTIMIZER: made}
+    optimizers, schedulers = {}, {}
+    for name, value in named.items():
+        optimizer, scheduler = value if isinstance(value, tuple) else (value, None)
+        if not isinstance(name, str) or not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "optimizer_fn must return a torch.optim.Optimizer, (optimizer, lr_scheduler), or "
+                f"a dict of str names to either; got {type(optimizer).__name__} for {name!r}")
+        optimizers[name], schedulers[name] = optimizer, scheduler
+    if not optimizers:
+        raise TypeError("optimizer_fn returned an empty dict: give at least one optimizer")
+    return optimizers, schedulers
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [parameter for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def _micro_batch(tree: Any, index: int, count: int) -> Any:
+    """Rows index, index + count, index + 2 count, ... of every tensor: each replica's block of
+    rows gives every micro-batch its share, so an SPMD mesh needs no data movement."""
+    return map_tensors(lambda tensor: tensor.reshape(
+        tensor.shape[0] // count, count, *tensor.shape[1:])[:, index], tree)
+
+
+def _joined(trees: list[Any]) -> Any:
+    """Micro-batches' outputs as one batch's: rows concatenated, scalars averaged."""
+    return tree_map(lambda *leaves: (torch.stack(leaves).mean(0) if leaves[0].dim() == 0
+                                     else torch.cat(leaves)) if isinstance(leaves[0], torch.Tensor)
+                    else leaves[0], *trees)
+
+
+def _shared(optimizers: Mapping[str, torch.optim.Optimizer]) -> set[str]:
+    """The optimizers that hold a parameter another one holds too."""
+    owners: dict[int, set[str]] = {}
+    for name, optimizer in optimizers.items():
+        for parameter in _parameters(optimizer):
+            owners.setdefault(id(parameter), set()).add(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+class UpdateStep:
+    """The training update of one replica: its optimizers, schedulers and EMA, and the step."""
+
+    def __init__(self, replica: Replica, model: torch.nn.Module,
+                 optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+                 config: UpdateConfig):
+        self.replica, self.config = replica, config
+        self.optimizers, self.schedulers = optimizers, schedulers
+        self._steppers = self._make_steppers()
+        for name, optimizer in optimizers.items():
+            optimizer.register_step_pre_hook(
+                lambda optimizer, args, kwargs, name=name: self._stepped_by_model_fn(name))
+        self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
+        self.global_step = 0  # the step being run, counted from 1
+        self.took_charge = False  # whether model_fn ran an update in this step
+        self._applying: str | None = None  # the optimizer the built-in update is stepping
+        self._reduced: set[str] = set()  # optimizers whose gradients are averaged, not yet used
+        self._stepped_directly: set[str] = set()  # optimizers model_fn stepped itself
+        self._accumulating = False
+
+    def _make_steppers(self) -> dict[str, Callable[[], None]]:
+        """Each optimizer's step: torch's, or the same Adam over flat buffers (flat_update.py)
+        where that is exact."""
+        if not self.config.flat_optimizer or self.replica.shards_parameters:
+            return {name: optimizer.step for name, optimizer in self.optimizers.items()}
+        shared = _shared(self.optimizers)
+        if shared:
+            logger.info("flat_optimizer: optimizers %s share parameters, so torch's own step "
+                        "updates them (one flat buffer per parameter)", sorted(shared))
+        return {name: FlatAdam(optimizer, name).step
+                if name not in shared and flattenable(optimizer) else optimizer.step
+                for name, optimizer in self.optimizers.items()}
+
+    def _named(self, name: str | None) -> str:
+        if name is None:
+            if len(self.optimizers) > 1:
+                raise ValueError(f"several optimizers ({sorted(self.optimizers)}): name the one "
+                                 "to update")
+            return next(iter(self.optimizers))
+        if name not in self.optimizers:
+            raise ValueError(f"no optimizer named {name!r}; optimizer_fn gave "
+                             f"{sorted(self.optimizers)}")
+        return name
+
+    def _stepped_by_model_fn(self, name: str) -> None:
+        """An optimizer's step() was called (its pre-hook): by model_fn itself unless the
+        built-in update is the caller. model_fn then runs this step's update; the gradients
+        are averaged over replicas first, as xm.optimizer_step does."""
+        if self._applying == name:
+            return
+        if self._accumulating:
+            raise ValueError(
+                f"model_fn stepped optimizer {name!r} itself while UpdateConfig("
+                "accumulation_steps) drives the update: accumulation runs the built-in update "
+                "once per step; accumulate in model_fn instead, with accumulation_steps=1")
+        self.took_charge = True
+        self._stepped_directly.add(name)
+        if name not in self._reduced:
+            self.reduce_gradients(name)
+        self._reduced.discard(name)  # this step uses them: the next one needs a new average
+
+    def backward(self, loss: torch.Tensor, optimizer: str | None = None, *,
+                 retain_graph: bool = False) -> None:
+        """loss.backward(): gradients of this replica's batch (not yet averaged); with
+        `optimizer`, for that optimizer's parameters alone (TF's var_list). `retain_graph`
+        keeps the graph for another backward through it. Called from model_fn, it puts
+        model_fn in charge of this step's update (no built-in one after)."""
+        self.took_charge = True
+        self.replica.heartbeat(Progress.UPDATE, self.global_step)
+        inputs = None if optimizer is None else [
+            parameter for parameter in _parameters(self.optimizers[self._named(optimizer)])
+            if parameter.requires_grad]
+        if inputs == []:
+            return  # every parameter of that optimizer is frozen: no gradient to compute
+        try:
+            torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph)
+        except RuntimeError as error:
+            if "device_ready_queues_" not in str(error):
+                raise
+            raise RuntimeError(
+                "autograd cannot run backward on the XLA device: this process ran a backward "
+                "pass before the XLA runtime started, and autograd's engine then knows no XLA "
+                "device. Call torch_xla.device() (or train this estimator) before any other "
+                "backward pass") from None
+
+    def reduce_gradients(self, optimizer: str | None = None) -> None:
+        """Averages the gradients of an optimizer's parameters over replicas (a no-op with one
+        replica, and on an SPMD mesh, where the compiler already reduced them). That
+        optimizer's next step, by apply() or its own step(), takes them as they are."""
+        name = self._named(optimizer)
+        self._reduced.add(name)
+        self.replica.reduce_gradients(_parameters(self.optimizers[name]))
+
+    def clip_grad_norm(self, max_norm: float, optimizer: str | None = None) -> torch.Tensor:
+        """Scales an optimizer's gradients to a global L2 norm of at most `max_norm`; returns
+        the norm before clipping (a device tensor: reading it syncs). Call it after
+        reduce_gradients, so that every replica clips the same averaged gradients."""
+        parameters = _parameters(self.optimizers[self._named(optimizer)])
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def apply(self, optimizer: str | None = None) -> torch.Tensor | None:
+        """The built-in update from gradients already computed: reduce, clip (UpdateConfig
+        .clip_global_norm), optimizer step, scheduler step. Returns the norm before clipping."""
+        self.took_charge = True
+        name = self._named(optimizer)
+        self.replica.heartbeat(Progress.UPDATE, self.global_step)
+        if name not in self._reduced:
+            self.reduce_gradients(name)
+        norm = None
+        if self.config.clip_global_norm is not None:
+            norm = self.clip_grad_norm(self.config.clip_global_norm, name)
+        self._applying = name
+        try:
+            self._steppers[name]()
+        finally:
+            self._applying = None
+            self._reduced.discard(name)
+        if self.schedulers[name] is not None:
+            self.schedulers[name].step()
+        return norm
+
+    def step(self, loss: torch.Tensor, optimizer: str | None = None) -> torch.Tensor | None:
+        """The whole update of one optimizer from `loss`, run inside model_fn: zero its
+        gradients, backward (for its parameters), then apply(). Returns the norm before
+        clipping."""
+        name = self._named(optimizer)
+        self.optimizers[name].zero_grad(set_to_none=True)
+        self.backward(loss, name)
+        return self.apply(name)
+
+    def minimize(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """TF's `tf.group(opt.minimize(loss, var_list=...), ...)`: each named optimizer's
+        gradients of its own loss, all from the same forward pass and the same weights, then
+        each update (apply). Returns each optimizer's gradient norm before clipping."""
+        if not isinstance(losses, Mapping) or not losses:
+            raise TypeError("update.minimize takes a dict of optimizer name -> loss, got "
+                            f"{losses!r}")
+        names = [self._named(name) for name in losses]
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        for index, (name, loss) in enumerate(zip(names, losses.values(), strict=True)):
+            self.backward(loss, name, retain_graph=index < len(names) - 1)
+        return {name: self.apply(name) for name in names}
+
+    def run(self, call_model_fn: Callable[[Any, Any, dict, UpdateStep | None], Any],
+            features: Any, labels: Any, params: dict, step: int) -> Any:
+        """One training step: model_fn on the batch (or on each of its micro-batches), then
+        the built-in update unless model_fn ran its own. Returns model_fn's spec, its loss (and
+        host_call tensors) joined over micro-batches."""
+        self.global_step, self.took_charge = step, False
+        self._reduced, self._stepped_directly = set(), set()
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        count = self.config.accumulation_steps
+        if count == 1:
+            epochs = {name: scheduler.last_epoch for name, scheduler in self.schedulers.items()
+                      if scheduler is not None}
+            spec = call_model_fn(features, labels, params, self)
+            if not self.took_charge:
+                self._require_one_optimizer()
+                self.backward(spec.loss)
+                self.apply()
+            self._step_schedulers_left(epochs)
+        else:
+            self._accumulating = True
+            try:
+                spec = self._accumulated(call_model_fn, features, labels, params, count)
+            finally:
+                self._accumulating = False
+            self.apply()
+        if self.ema is not None:
+            self.ema.update()
+        return spec
+
+    def _step_schedulers_left(self, epochs: Mapping[str, int]) -> None:
+        """Steps the scheduler of each optimizer model_fn stepped itself, unless model_fn
+        stepped that scheduler too: optimizer_fn handed the scheduler to the estimator."""
+        for name in sorted(self._stepped_directly):
+            scheduler = self.schedulers[name]
+            if scheduler is not None and scheduler.last_epoch == epochs[name]:
+                scheduler.step()
+
+    def _accumulated(self, call_model_fn: Callable[..., Any], features: Any, labels: Any,
+                     params: dict, count: int) -> Any:
+        self._require_one_optimizer()
+        micro_params = {**params, "batch_size": params["batch_size"] // count}
+        specs = []
+        for index in range(count):
+            spec = call_model_fn(_micro_batch(features, index, count),
+                                 _micro_batch(labels, index, count), micro_params, None)
+            self.backward(spec.loss / count)
+            specs.append(spec)
+        last = specs[-1]
+        last.loss = torch.stack([spec.loss.detach() for spec in specs]).mean()
+        if last.host_call is not None:
+            last.host_call = (last.host_call[0],
+                              _joined([spec.host_call[1] for spec in specs]))
+        return last
+
+    def _require_one_optimizer(self) -> None:
+        if len(self.optimizers) > 1:
+            raise ValueError(
+                f"optimizer_fn gave several optimizers ({sorted(self.optimizers)}): model_fn must "
+                "run the update itself, taking an argument named `update` and calling "
+                "update.step(loss, name) for each (the built-in update, and gradient "
+                "accumulation, drive one optimizer)")
+
+    def learning_rates(self) -> dict[str, float]:
+        """Every parameter group's learning rate before this step, as "<optimizer>/<group>"
+        (Python floats the schedulers set: no device read)."""
+        return {f"{name}/{index}": float(group["lr"]) for name, optimizer in self.optimizers.items()
+                for index, group in enumerate(optimizer.param_groups)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {name: optimizer.state_dict()
+                               for name, optimizer in self.optimizers.items()},
+                "schedulers": {name: scheduler.state_dict() if scheduler is not None else None
+                               for name, scheduler in self.schedulers.items()},
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores what state_dict gave; an optimizer the checkpoint lacks starts afresh and an
+        EMA it lacks starts at the restored weights (a run that adds one); a name it holds that
+        this run lacks is an error. Call it after the module's weights are restored."""
+        unknown = set(state["optimizers"]) - set(self.optimizers)
+        if unknown:
+            raise ValueError(f"the checkpoint holds optimizers {sorted(unknown)} that "
+                             f"optimizer_fn does not make (it makes {sorted(self.optimizers)})")
+        for name, optimizer_state in state["optimizers"].items():
+            self.optimizers[name].load_state_dict(optimizer_state)
+            scheduler_state = state["schedulers"].get(name)
+            if self.schedulers[name] is not None and scheduler_state is not None:
+                self.schedulers[name].load_state_dict(scheduler_state)
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema.reset()
