@@ -4,7 +4,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 VERSION = re.search(r'^__version__ = "([^"]+)"',
-                    Path("torch_tpu_estimator/__init__.py").read_text(), re.M).group(1)
+                    Path("torch_tpu_estimator/common/version.py").read_text(), re.M).group(1)
 
 setup(
     name="torch_tpu_estimator",

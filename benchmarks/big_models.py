@@ -115,7 +115,7 @@ def measure_checkpoint(sharding: str, millions: int) -> dict:
     from torch.utils.data import TensorDataset
 
     from torch_tpu_estimator.modes.train import TrainProgram
-    from torch_tpu_estimator.state.run_state import Checkpoint
+    from torch_tpu_estimator.state.schema import Checkpoint
 
     width = 2048
     layers = max(1, round(millions * 1e6 / (width * width)))
@@ -142,7 +142,7 @@ def measure_checkpoint(sharding: str, millions: int) -> dict:
         estimator.train(lambda params: data, steps=1)
         TrainProgram._save = real_save
         saved = estimator.latest_checkpoint()
-        parameters = sum(value.numel() for value in Checkpoint.load(saved).model_weights.values())
+        parameters = sum(value.numel() for value in Checkpoint.load(saved).part("model").values())
         size = sum(os.path.getsize(os.path.join(saved, name)) for name in os.listdir(saved)) \
             if os.path.isdir(saved) else os.path.getsize(saved)
         started = time.perf_counter()

@@ -45,12 +45,12 @@ from torch_tpu_estimator import (
     TPUEstimator,
     TPUEstimatorSpec,
     UpdateConfig,
+    WarmStartSettings,
     load_exported,
     metrics,
 )
 from torch_tpu_estimator.data import TensorSlices
 from torch_tpu_estimator.lr_schedules import PolynomialDecay
-from torch_tpu_estimator.state.warm_start import WarmStartSettings
 
 POSITIVE_WORDS = ["good", "great", "excellent", "wonderful", "love", "enjoyed", "brilliant", "fun"]
 NEGATIVE_WORDS = ["bad", "awful", "terrible", "boring", "hate", "poor", "dull", "worst"]

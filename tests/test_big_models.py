@@ -15,7 +15,7 @@ import torch
 from helpers import make_data, make_estimator, run_fresh, same_values
 
 from torch_tpu_estimator import ModeKeys, TPUEstimatorSpec
-from torch_tpu_estimator.state.run_state import Checkpoint
+from torch_tpu_estimator.state.schema import Checkpoint
 
 TRANSFORMER = r"""
 import json, sys
@@ -25,7 +25,7 @@ import torch_xla.distributed.spmd as xs
 from helpers import make_estimator
 from torch_tpu_estimator import DatasetConfig, LossHistory, ModeKeys, TPUEstimatorSpec
 from torch_tpu_estimator.runtime import xla_compat
-from torch_tpu_estimator.state.run_state import Checkpoint
+from torch_tpu_estimator.state.schema import Checkpoint
 
 class Classifier(torch.nn.Module):
     def __init__(self):
@@ -71,7 +71,7 @@ module = built[0]
 print(json.dumps({
     "losses": history.losses,
     "weights": {name: value.tolist() for name, value in
-                Checkpoint.load(estimator.latest_checkpoint()).model_weights.items()},
+                Checkpoint.load(estimator.latest_checkpoint()).part("model").items()},
     "shards": {name: xla_compat.local_shard_shapes(parameter)
                for name, parameter in module.named_parameters()}}))
 """
@@ -130,8 +130,7 @@ def _run(script, *args, devices="4"):
 
 def _state(path) -> dict:
     saved = Checkpoint.load(str(path))
-    return {"model": saved.model_weights, "ema": saved.ema_weights,
-            **saved.update_state(), "step": saved.global_step}
+    return {"model": saved.part("model"), **saved.part("update"), "step": saved.global_step}
 
 
 

@@ -35,5 +35,5 @@ def test_digits_example_learns_held_out_digits(tmp_path, layout, devices):
     # bfloat16 computes, float32 keeps the weights (and the Adam moments)
     saved = torch.load(sorted(tmp_path.glob("model.ckpt-*.pt"))[-1], weights_only=True)
     assert {value.dtype for value in saved["model"].values()} == {torch.float32}
-    assert {value.dtype for state in saved["optimizers"]["default"]["state"].values()
+    assert {value.dtype for state in saved["update"]["optimizers"]["default"]["state"].values()
             for key, value in state.items() if key != "step"} == {torch.float32}

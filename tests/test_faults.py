@@ -99,12 +99,12 @@ def test_sigkilled_training_restarted_ends_bit_for_bit_like_an_uninterrupted_run
     assert resumed["global_step"] == uninterrupted["global_step"] == 17
     for name, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][name], value), name
-    for index, value in uninterrupted["optimizers"]["default"]["state"].items():
+    for index, value in uninterrupted["update"]["optimizers"]["default"]["state"].items():
         for key, tensor in value.items():
             assert torch.equal(
-                torch.as_tensor(resumed["optimizers"]["default"]["state"][index][key]),
+                torch.as_tensor(resumed["update"]["optimizers"]["default"]["state"][index][key]),
                 torch.as_tensor(tensor)), (index, key)
-    assert resumed["schedulers"] == uninterrupted["schedulers"]
+    assert resumed["update"]["schedulers"] == uninterrupted["update"]["schedulers"]
     assert resumed["input"] == uninterrupted["input"]
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
 

@@ -22,7 +22,7 @@ from helpers import make_data, make_estimator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from torch_tpu_estimator import load_exported
-from torch_tpu_estimator.state import checkpoint
+from torch_tpu_estimator.state import checkpoint, files
 from torch_tpu_estimator.state.locking import ModelDirInUseError
 
 
@@ -164,7 +164,7 @@ def test_a_checkpoint_with_a_negative_or_non_int_global_step_is_refused_by_name(
         state["global_step"] = step
         torch.save(state, path)
         index = json.loads((model_dir / "checkpoint.json").read_text())
-        index["sha256"]["model.ckpt-4.pt"] = checkpoint._sha256(str(path))
+        index["sha256"]["model.ckpt-4.pt"] = files.sha256(str(path))
         (model_dir / "checkpoint.json").write_text(json.dumps(index))
         estimator = make_estimator(model_dir)
         with pytest.raises(ValueError, match=rf"checkpoint '{path}' has global_step {step!r}: "
@@ -364,7 +364,7 @@ def test_files_and_folders_the_library_writes_follow_the_umask(tmp_path, umask, 
     old_umask = os.umask(umask)
     try:
         make_estimator(tmp_path / "model").train(lambda params: make_data(32), steps=2)
-        written = checkpoint.atomic_directory(str(tmp_path / "folder"), lambda directory: None)
+        written = files.atomic_directory(str(tmp_path / "folder"), lambda directory: None)
     finally:
         os.umask(old_umask)
     assert written

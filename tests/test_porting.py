@@ -25,13 +25,14 @@ from torch_tpu_estimator import (
     TPUConfig,
     TPUEstimator,
     TPUEstimatorSpec,
+    WarmStartSettings,
 )
 from torch_tpu_estimator.api.job import Job
 from torch_tpu_estimator.data import TensorSlices
 from torch_tpu_estimator.runtime.base import Topology
-from torch_tpu_estimator.state import checkpoint
 from torch_tpu_estimator.runtime.torch_dist import TorchReplica
-from torch_tpu_estimator.state.warm_start import WarmStartSettings, warm_start
+from torch_tpu_estimator.state import checkpoint
+from torch_tpu_estimator.state.warm_start import warm_start
 from torch_tpu_estimator.step.context import ModeContext
 
 

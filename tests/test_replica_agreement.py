@@ -36,7 +36,7 @@ def uneven_shards(params):
 
 def final_state(estimator):
     state = torch.load(estimator.latest_checkpoint(), weights_only=True)
-    return {"model": state["model"], "optimizer": state["optimizers"]["default"]["state"],
+    return {"model": state["model"], "optimizer": state["update"]["optimizers"]["default"]["state"],
             "positions": state["input"]}
 
 def same(a, b):

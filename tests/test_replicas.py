@@ -168,8 +168,8 @@ def final_state(name, plan):
 
 split, whole = final_state("split", [7, 6]), final_state("whole", [13])
 print(json.dumps({"model": all(torch.equal(split["model"][k], v) for k, v in whole["model"].items()),
-                  "adam": all(torch.equal(split["optimizers"]["default"]["state"][i][slot], value)
-                              for i, slots in whole["optimizers"]["default"]["state"].items()
+                  "adam": all(torch.equal(split["update"]["optimizers"]["default"]["state"][i][slot], value)
+                              for i, slots in whole["update"]["optimizers"]["default"]["state"].items()
                               for slot, value in slots.items()),
                   "positions": [split["input"], whole["input"]]}))
 """

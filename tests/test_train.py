@@ -72,11 +72,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, use_tpu):
     assert split_state["global_step"] == whole_state["global_step"] == 20
     for name, value in whole_state["model"].items():
         assert torch.equal(split_state["model"][name], value), name
-    for index, slots in whole_state["optimizers"]["default"]["state"].items():
+    for index, slots in whole_state["update"]["optimizers"]["default"]["state"].items():
         for slot, value in slots.items():
-            assert torch.equal(split_state["optimizers"]["default"]["state"][index][slot],
+            assert torch.equal(split_state["update"]["optimizers"]["default"]["state"][index][slot],
                                value), (index, slot)
-    assert split_state["schedulers"] == whole_state["schedulers"]
+    assert split_state["update"]["schedulers"] == whole_state["update"]["schedulers"]
     assert split_state["input"] == whole_state["input"] == {
         "host": {"epoch": 2, "batch": 6}}
 
@@ -180,7 +180,7 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
     good = estimator.latest_checkpoint()
     good_weights = checkpoint_weights(estimator)
 
-    import torch_tpu_estimator.state.checkpoint as checkpoint_module
+    import torch_tpu_estimator.state.storage as checkpoint_module
 
     def crash_mid_write(state, handle):
         handle.write(b"half a checkpoint")

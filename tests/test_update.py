@@ -33,7 +33,7 @@ from torch_tpu_estimator import (
 )
 from torch_tpu_estimator.data import TensorSlices
 from torch_tpu_estimator.state.checkpoint import latest_checkpoint
-from torch_tpu_estimator.state.run_state import Checkpoint
+from torch_tpu_estimator.state.schema import Checkpoint
 from torch_tpu_estimator.step.flat_update import FlatAdam
 
 CLIP = 0.05
@@ -131,11 +131,11 @@ def test_the_ema_follows_the_weights_and_serves_inference(tmp_path):
                     for name, value in expected.items()}
     saved = torch.load(tmp_path / "model.ckpt-5.pt", weights_only=True)
     for name, value in expected.items():
-        torch.testing.assert_close(saved["ema"][name], value, rtol=1e-5, atol=1e-6)
-        assert not torch.equal(saved["ema"][name], saved["model"][name])
+        torch.testing.assert_close(saved["update"]["ema"][name], value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(saved["update"]["ema"][name], saved["model"][name])
 
     features = data.tensors[0][:8]
-    for use_ema, weights in ((True, saved["ema"]), (False, saved["model"])):
+    for use_ema, weights in ((True, saved["update"]["ema"]), (False, saved["model"])):
         reader = make_estimator(tmp_path, update_config=UpdateConfig(
             ema_decay=decay, ema_for_inference=use_ema))
         predicted = torch.stack([item["logits"] for item in reader.predict(
@@ -147,13 +147,13 @@ def test_the_ema_follows_the_weights_and_serves_inference(tmp_path):
 
 def test_the_ema_starts_at_warm_started_or_restored_weights(tmp_path):
     make_estimator(tmp_path / "pretrained").train(lambda params: make_data(64), steps=5)
-    pretrained = Checkpoint.load(latest_checkpoint(str(tmp_path / "pretrained"))).model_weights
+    pretrained = Checkpoint.load(latest_checkpoint(str(tmp_path / "pretrained"))).part("model")
     frozen = {"lr": 0.0}  # the weights stay where they start: so must their average
     warm = make_estimator(tmp_path / "warm", params=frozen,
                           warm_start_from=str(tmp_path / "pretrained"),
                           update_config=UpdateConfig(ema_decay=0.9))
     warm.train(lambda params: make_data(64), steps=2)
-    ema = Checkpoint.load(latest_checkpoint(str(tmp_path / "warm"))).ema_weights
+    ema = Checkpoint.load(latest_checkpoint(str(tmp_path / "warm"))).part("update", "ema")
     assert all(torch.equal(ema[name], value) for name, value in pretrained.items())
 
     # a run that adds an EMA on resume averages from the restored weights (the optimizer's
@@ -162,8 +162,8 @@ def test_the_ema_starts_at_warm_started_or_restored_weights(tmp_path):
     added.train(lambda params: make_data(64), steps=1)
     resumed = Checkpoint.load(latest_checkpoint(str(tmp_path / "pretrained")))
     for name, value in pretrained.items():
-        expected = torch.lerp(value, resumed.model_weights[name], 0.1)
-        torch.testing.assert_close(resumed.ema_weights[name], expected, rtol=0, atol=1e-7)
+        expected = torch.lerp(value, resumed.part("model")[name], 0.1)
+        torch.testing.assert_close(resumed.part("update", "ema")[name], expected, rtol=0, atol=1e-7)
 
 
 def _adamw(model, params):
@@ -198,7 +198,7 @@ def _flat_and_torch_states(tmp_path, monkeypatch, optimizer_fn, model_init_fn=No
                                    update_config=UpdateConfig(flat_optimizer=flat, **update))
         estimator.train(lambda params: make_data(64), steps=steps)
         saved = Checkpoint.load(estimator.latest_checkpoint())
-        states[flat] = {"model": saved.model_weights, **saved.update_state()}
+        states[flat] = {"model": saved.part("model"), **saved.part("update")}
     return states[True], states[False], len(flat_calls)
 
 
@@ -422,16 +422,17 @@ def test_a_gan_resumes_bit_for_bit_with_both_optimizers_schedulers_and_the_ema(t
 
     split, whole = final("split", [7, 13]), final("whole", [20])
     assert split["global_step"] == whole["global_step"] == 20
-    for key in ("model", "ema"):
-        for name, value in whole[key].items():
-            assert torch.equal(split[key][name], value), (key, name)
-    assert sorted(whole["optimizers"]) == ["discriminator", "generator"]
-    for optimizer, state in whole["optimizers"].items():
+    for split_weights, whole_weights in ((split["model"], whole["model"]),
+                                         (split["update"]["ema"], whole["update"]["ema"])):
+        for name, value in whole_weights.items():
+            assert torch.equal(split_weights[name], value), name
+    assert sorted(whole["update"]["optimizers"]) == ["discriminator", "generator"]
+    for optimizer, state in whole["update"]["optimizers"].items():
         for index, slots in state["state"].items():
             for slot, value in slots.items():
-                assert torch.equal(split["optimizers"][optimizer]["state"][index][slot], value)
-    assert split["schedulers"] == whole["schedulers"]
-    assert whole["schedulers"]["generator"]["last_epoch"] == 20
+                assert torch.equal(split["update"]["optimizers"][optimizer]["state"][index][slot], value)
+    assert split["update"]["schedulers"] == whole["update"]["schedulers"]
+    assert whole["update"]["schedulers"]["generator"]["last_epoch"] == 20
 
 
 def test_a_model_fn_may_update_with_backward_and_apply(tmp_path):
@@ -452,7 +453,7 @@ def test_a_model_fn_may_update_with_backward_and_apply(tmp_path):
                                    update_config=UpdateConfig(clip_global_norm=0.5))
         estimator.train(lambda params: make_data(64), steps=6)
         saved = Checkpoint.load(estimator.latest_checkpoint())
-        states[name] = {"model": saved.model_weights, **saved.update_state()}
+        states[name] = {"model": saved.part("model"), **saved.part("update")}
     assert same_values(states["by_hand"], states["built_in"])
 
 
@@ -512,7 +513,7 @@ estimator = make_estimator(sys.argv[3], fn=fn, optimizer_fn=_sgd_with_schedule, 
 estimator.train(lambda params: make_data(64), steps=5)
 saved = torch.load(estimator.latest_checkpoint(), weights_only=True)
 print(json.dumps({"model": {name: value.tolist() for name, value in saved["model"].items()},
-                  "epoch": saved["schedulers"]["default"]["last_epoch"]}))
+                  "epoch": saved["update"]["schedulers"]["default"]["last_epoch"]}))
 """
 
 
@@ -569,7 +570,7 @@ def test_two_optimizers_stepped_by_model_fn_equal_update_step(tmp_path):
     itself, built_in = final("itself", _both_stepping_themselves), final(
         "update_step", _both_with_update_step)
     assert same_values(itself["model"], built_in["model"])
-    assert itself["schedulers"] == built_in["schedulers"]
+    assert itself["update"]["schedulers"] == built_in["update"]["schedulers"]
 
 
 def _stepping_under_accumulation(model, features, labels, mode, params):

@@ -15,8 +15,8 @@ from torch_tpu_estimator import (
     TPUEstimator,
     TPUEstimatorSpec,
 )
-from torch_tpu_estimator.api.config import parse_iterations_per_loop
 from torch_tpu_estimator.api.spec import validate_spec
+from torch_tpu_estimator.api.tpu_config import parse_iterations_per_loop
 
 
 @pytest.mark.parametrize("value, expected", [(5, (5, None)), ("30s", (None, 30.0)),

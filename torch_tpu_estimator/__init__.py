@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+from .common.version import __version__ as __version__
 
 _EXPORTS = {
     "CheckpointSaverListener": "api.hooks",
@@ -39,7 +39,7 @@ _EXPORTS = {
     "TPUEstimatorSpec": "api.spec",
     "UpdateConfig": "api.config",
     "UpdateStep": "step.update",
-    "WarmStartSettings": "state.warm_start",
+    "WarmStartSettings": "api.warm_start_settings",
     "Window": "api.hooks",
     "load_exported": "export.serving",
     "train_and_evaluate": "schedule",

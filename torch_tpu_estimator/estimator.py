@@ -7,8 +7,6 @@ fails fast and leaves model_dir as it was.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -16,12 +14,22 @@ import numpy as np
 import torch
 
 from .api.binding import INPUT_FN_ARGUMENTS, MODEL_FN_ARGUMENTS, bind
+from .api.checks import (
+    checked_assets_extra,
+    checked_batch_sizes,
+    checked_export_arguments,
+    checked_params,
+    require_callable,
+    require_divisible,
+    require_positive_int_if_given,
+    resolved_model_dir,
+)
 from .api.config import InputPipelineConfig, RunConfig
 from .api.hooks import Hook, require_hooks
 from .api.job import InputFn, Job, ModelInitFn, OptimizerFn
 from .api.spec import ModeKeys
+from .api.warm_start_settings import WarmStartSettings
 from .common.logs import keeping_root_logging
-from .common.paths import relative_inside
 from .export.signature import DEFAULT_SERVING_BATCH_SIZES, named_rows
 from .modes.inference import evaluate_replica, predict_replica
 from .modes.train import train_replica
@@ -29,76 +37,12 @@ from .observability import summary
 from .runtime import Launcher, Topology, resolve_launcher
 from .runtime.torch_dist import TorchLauncher, cpu_replica
 from .state import checkpoint
-from .state.run_state import Checkpoint, RunState
-from .state.warm_start import WarmStartSettings
+from .state.schema import Checkpoint
 from .step import preemption
-from .step.context import RESERVED_PARAMS, ModeContext
 
 logger = logging.getLogger("torch_tpu_estimator")
 
 _MODE_NAMES = {ModeKeys.TRAIN: "train", ModeKeys.EVAL: "eval", ModeKeys.PREDICT: "predict"}
-
-
-def _check_callable(name: str, value: Any, required: bool = True) -> None:
-    if value is None and not required:
-        return
-    if not callable(value):
-        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_batch_sizes(batch_sizes: Any) -> tuple[int, ...]:
-    """The serving batch sizes, sorted and without repeats."""
-    if isinstance(batch_sizes, int) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
-        raise TypeError(f"batch_sizes must be a non-empty sequence of ints, got {batch_sizes!r}")
-    for size in batch_sizes:
-        _check_positive_int("each of batch_sizes", size)
-    return tuple(sorted(set(batch_sizes)))
-
-
-def _check_assets_extra(assets_extra: Mapping[str, str] | None) -> dict[str, str]:
-    """assets_extra as {normalized relative destination: existing source file}."""
-    if assets_extra is None:
-        return {}
-    if not isinstance(assets_extra, Mapping):
-        raise TypeError("assets_extra must be a dict of destination path -> source file, got "
-                        f"{type(assets_extra).__name__}")
-    checked = {}
-    for destination, source in assets_extra.items():
-        normalized = relative_inside(destination, "assets_extra (destination inside "
-                                                  "assets.extra/)")
-        if normalized in checked:
-            raise ValueError(f"assets_extra names {normalized!r} twice")
-        if not os.path.isfile(source):
-            raise ValueError(f"assets_extra source {source!r} (for {destination!r}) is not a file")
-        checked[normalized] = str(source)
-    return checked
-
-
-def _check_divisible(name: str, size: int | None, count: int, what: str = "replicas") -> None:
-    if size is not None and size % count:
-        raise ValueError(f"{name}={size} is not divisible by the number of {what} ({count})")
-
-
-def _resolve_model_dir(model_dir: str | None, config: RunConfig) -> str:
-    if model_dir and config.model_dir and os.path.abspath(model_dir) != os.path.abspath(config.model_dir):
-        raise ValueError(
-            f"model_dir={model_dir!r} and config.model_dir={config.model_dir!r} differ; give one"
-        )
-    resolved = model_dir or config.model_dir
-    if resolved is not None and os.path.islink(resolved) and not os.path.exists(resolved):
-        raise ValueError(f"model_dir {resolved!r} is a symbolic link to "
-                         f"{os.readlink(resolved)!r}, which does not exist")
-    if resolved is None:
-        resolved = tempfile.mkdtemp(prefix="torch_tpu_estimator-")
-        logger.warning("Using temporary folder as model directory: %s", resolved)
-    if os.path.exists(resolved) and not os.path.isdir(resolved):
-        raise ValueError(f"model_dir {resolved!r} exists and is not a directory")
-    return resolved
 
 
 class TPUEstimator:
@@ -134,22 +78,14 @@ class TPUEstimator:
         model_init_fn: ModelInitFn | None = None,
         optimizer_fn: OptimizerFn | None = None,
     ):
-        _check_callable("model_fn", model_fn)
-        _check_callable("model_init_fn", model_init_fn)
-        _check_callable("optimizer_fn", optimizer_fn, required=False)
+        require_callable("model_fn", model_fn)
+        require_callable("model_init_fn", model_init_fn)
+        require_callable("optimizer_fn", optimizer_fn, required=False)
         model_fn_binding = bind(model_fn, "model_fn", MODEL_FN_ARGUMENTS)
         config = RunConfig() if config is None else config
         if not isinstance(config, RunConfig):
             raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
-        if params is not None and not isinstance(params, dict):
-            raise TypeError(f"params must be a dict, got {type(params).__name__}")
-        params = dict(params or {})
-        for key in RESERVED_PARAMS:
-            if key in params:
-                raise ValueError(
-                    f"params holds the reserved key {key!r}; TPUEstimator sets it. "
-                    f"Reserved keys: {RESERVED_PARAMS}"
-                )
+        params = checked_params(params)
         if not all(isinstance(flag, bool) for flag in (use_tpu, eval_on_tpu, export_to_tpu)):
             raise TypeError("use_tpu, eval_on_tpu and export_to_tpu must be bools")
         if batch_axis is not None and any(axis != 0 for axis in batch_axis):
@@ -157,13 +93,7 @@ class TPUEstimator:
                 f"batch_axis={tuple(batch_axis)} is not supported: every input tensor is split "
                 "along its first dimension"
             )
-        if isinstance(warm_start_from, str):
-            warm_start_from = WarmStartSettings(warm_start_from)
-        if warm_start_from is not None and not isinstance(warm_start_from, WarmStartSettings):
-            raise TypeError(
-                f"warm_start_from must be a checkpoint path, a model_dir or a WarmStartSettings, "
-                f"got {type(warm_start_from).__name__}"
-            )
+        warm_start_from = WarmStartSettings.of(warm_start_from)
         self._launcher: Launcher = resolve_launcher(use_tpu, config.tpu_config)
         self._eval_launcher = self._launcher if eval_on_tpu else TorchLauncher(
             timeout_secs=config.tpu_config.replica_timeout_secs)
@@ -180,15 +110,15 @@ class TPUEstimator:
         for mode, size in ((ModeKeys.TRAIN, train_batch_size), (ModeKeys.EVAL, eval_batch_size),
                            (ModeKeys.PREDICT, predict_batch_size)):
             name = f"{_MODE_NAMES[mode]}_batch_size"
-            _check_positive_int(name, size)
+            require_positive_int_if_given(name, size)
             topology = self._eval_launcher.topology if mode == ModeKeys.EVAL else \
                 self._launcher.topology
-            _check_divisible(name, size, topology.num_replicas)
+            require_divisible(name, size, topology.num_replicas)
             if mode == ModeKeys.TRAIN and accumulation > 1:
-                _check_divisible(name, size, topology.num_replicas * accumulation,
+                require_divisible(name, size, topology.num_replicas * accumulation,
                                  "replicas x UpdateConfig.accumulation_steps")
             batch_sizes[mode] = size
-        self._model_dir = _resolve_model_dir(model_dir, config)
+        self._model_dir = resolved_model_dir(model_dir, config.model_dir)
         self._config = config.replace(model_dir=self._model_dir)
         self._job = Job(model_fn=model_fn_binding, model_init_fn=model_init_fn,
                         optimizer_fn=optimizer_fn, params=params, config=self._config,
@@ -240,12 +170,12 @@ class TPUEstimator:
         SIGTERM (preemption) ends training at the next step boundary with a checkpoint, then
         raises SystemExit(143); the same call, run again, continues from there (preemption.py).
         """
-        _check_callable("input_fn", input_fn)
+        require_callable("input_fn", input_fn)
         bind(input_fn, "input_fn", INPUT_FN_ARGUMENTS, params_alone=True)
         if steps is not None and max_steps is not None:
             raise ValueError("Can not provide both steps and max_steps")
-        _check_positive_int("steps", steps)
-        _check_positive_int("max_steps", max_steps)
+        require_positive_int_if_given("steps", steps)
+        require_positive_int_if_given("max_steps", max_steps)
         self._require_batch_size(ModeKeys.TRAIN)
         if self._job.optimizer_fn is None:
             raise ValueError("optimizer_fn must be given in the constructor to train")
@@ -271,7 +201,7 @@ class TPUEstimator:
 
     def _check_inference(self, mode: str, input_fn: InputFn, hooks: Sequence[Hook] | None
                          ) -> list[Hook]:
-        _check_callable("input_fn", input_fn)
+        require_callable("input_fn", input_fn)
         bind(input_fn, "input_fn", INPUT_FN_ARGUMENTS, params_alone=True)
         self._require_batch_size(mode)
         return require_hooks("hooks", hooks)
@@ -290,7 +220,7 @@ class TPUEstimator:
         `global_step`, and writes them to `eval_dir(name)`.
         """
         hooks = self._check_inference(ModeKeys.EVAL, input_fn, hooks)
-        _check_positive_int("steps", steps)
+        require_positive_int_if_given("steps", steps)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         path = self._checkpoint_to_use(checkpoint_path)
@@ -344,22 +274,12 @@ class TPUEstimator:
         (float32, float16 or float64; bfloat16 weights become float32 by default, as the exporter cannot
         store bfloat16); model_fn must accept weights of that dtype.
         """
-        if not isinstance(export_dir_base, (str, os.PathLike)):
-            raise TypeError(f"export_dir_base must be a path, got {type(export_dir_base).__name__}")
-        export_dir_base = os.fspath(export_dir_base)
-        if os.path.exists(export_dir_base) and not os.path.isdir(export_dir_base):
-            raise ValueError(f"export_dir_base {export_dir_base!r} exists and is not a directory")
-        sizes = _check_batch_sizes(batch_sizes)
-        assets = _check_assets_extra(assets_extra)
-        if not isinstance(as_tf_saved_model, bool) or not isinstance(as_text, bool):
-            raise TypeError("as_tf_saved_model and as_text must be bools")
-        if weights_dtype is not None and weights_dtype not in (torch.float32, torch.float16,
-                                                               torch.float64):
-            raise ValueError(f"weights_dtype must be torch.float32, float16 or float64, got "
-                             f"{weights_dtype!r} (torch_xla 2.9's exporter stores weights as NumPy "
-                             "arrays, which have no bfloat16)")
+        export_dir_base = checked_export_arguments(export_dir_base, as_tf_saved_model, as_text,
+                                                   weights_dtype)
+        sizes = checked_batch_sizes(batch_sizes)
+        assets = checked_assets_extra(assets_extra)
         with keeping_root_logging():  # torch_xla's import configures the root logger
-            from .export.saved_model import export_model, serving_weights
+            from .modes.export import ExportRequest, export_replica
         from .export.tf_export import import_tensorflow
         if as_tf_saved_model:
             import_tensorflow()
@@ -368,18 +288,11 @@ class TPUEstimator:
                                               "example features")
         if next(iter(inputs.values())).shape[0] == 0:
             raise ValueError("example features have no rows: give at least one example")
-        path = self._checkpoint_to_use(checkpoint_path)
-
-        def export() -> str:
-            ctx = ModeContext(self._job, cpu_replica(), ModeKeys.PREDICT)
-            state = RunState.build(ctx, batch_size=sizes[-1])
-            saved = Checkpoint.load(path)
-            state.load_inference_weights(saved)
-            return export_model(ctx, serving_weights(state.model.eval(), weights_dtype), inputs,
-                                features_is_dict, sizes, export_dir_base, path,
-                                saved.global_step, assets, as_tf_saved_model)
-
-        return self._launcher.run_on_chief(export)
+        request = ExportRequest(inputs, features_is_dict, sizes, export_dir_base,
+                                self._checkpoint_to_use(checkpoint_path), assets,
+                                as_tf_saved_model, weights_dtype)
+        job = self._job
+        return self._launcher.run_on_chief(lambda: export_replica(job, cpu_replica(), request))
 
     def export_savedmodel(self, export_dir_base: str,
                           serving_input_receiver_fn_or_example_features: Any,
@@ -405,19 +318,20 @@ class TPUEstimator:
 
     def get_variable_names(self) -> list[str]:
         """Names of the model's tensors in the latest checkpoint, and `global_step`."""
-        return sorted([*self._latest().tensor_specs(), "global_step"])
+        return sorted([*self._latest().tensor_specs("model"), "global_step"])
 
     def get_variable_value(self, name: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
         """Value of one tensor of the latest checkpoint as a NumPy array (a list of them for a
         list of names, as in TF)."""
         saved = self._latest()
+        weights = saved.part("model")
         names = [name] if isinstance(name, str) else list(name)
         values = []
         for one in names:
             if one == "global_step":
                 values.append(np.asarray(saved.global_step))
-            elif one in saved.model_weights:
-                values.append(saved.model_weights[one].numpy())
+            elif one in weights:
+                values.append(weights[one].numpy())
             else:
                 raise ValueError(f"no variable {one!r} in {saved.path}")
         return values[0] if isinstance(name, str) else values

@@ -10,12 +10,12 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from .api.config import require_positive_int
+from .api.checks import require_positive_int
 from .api.hooks import Hook, RunContext, require_hooks
 from .api.job import InputFn
 from .api.spec import ModeKeys
 from .estimator import TPUEstimator
-from .state.checkpoint import atomic_directory, atomic_write
+from .state.files import atomic_directory, atomic_write
 
 logger = logging.getLogger("torch_tpu_estimator")
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..state.warm_start import WarmStartSettings
 from .binding import Binding
 from .config import RunConfig
+from .warm_start_settings import WarmStartSettings
 
 ModelInitFn = Callable[[dict], torch.nn.Module]
 OptimizerFn = Callable[[torch.nn.Module, dict], Any]

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from ..export.bundle import DATA_DIR, read_array_header, regular_files
 from ..export.signature import STABLEHLO_DIR, dtype_name, newest_export, read_signature
 from ..state.checkpoint import INDEX_NAME, resolve_checkpoint_path
-from ..state.run_state import REST_NAME, Checkpoint
+from ..state.schema import Checkpoint
+from ..state.storage import REST_NAME
+from ..step import update
 
 
 def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[str]:
@@ -23,14 +25,12 @@ def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> li
 def describe_checkpoint(path: str) -> list[str]:
     """Step, saved state and variables of one checkpoint file."""
     saved = Checkpoint.load(path)
-    specs = saved.tensor_specs()  # a sharded checkpoint's from its metadata: no data is read
+    specs = saved.tensor_specs("model")  # a sharded one's from its metadata: no data read
     variables = [(name, dtype_name(dtype), shape) for name, (dtype, shape) in specs.items()]
     size = sum(math.prod(shape) for _, shape in specs.values())
     lines = [f"checkpoint: {path}" + (" (sharded)" if saved.sharded else ""),
              f"global_step: {saved.global_step}",
-             f"optimizers: {', '.join(saved.optimizer_names) or 'none'}; lr schedulers: "
-             f"{', '.join(saved.scheduler_names) or 'none'}; EMA of the weights: "
-             f"{'yes' if saved.has_ema else 'no'}"]
+             update.describe(saved)]
     for key, position in sorted(saved.input_positions.items()):
         lines.append(f"input position {key!r}: pass {position['epoch']}, batch {position['batch']}")
     lines.append(f"variables ({len(variables)}, {size} values):")

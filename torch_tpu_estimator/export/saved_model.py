@@ -29,7 +29,7 @@ from torch_xla import stablehlo
 
 from ..common.paths import is_number_name
 from ..runtime import xla_compat
-from ..state.checkpoint import creation_mode, fsync_path
+from ..state.files import creation_mode, fsync_path
 from ..state.locking import hold_directory, remove_if_abandoned
 from ..step.context import ModeContext
 from .signature import (

@@ -1,6 +1,6 @@
 """This process's input in one mode, as a component of the run's resumable state.
 
-One InputPipeline per input_fn call this process makes (context.ModeContext.input_shards),
+One InputPipeline per input_fn call this process makes (step/context.py decides which),
 joined step by step. In training the streams remember how far the steps have read them (not how
 far the loop has read ahead), and hand that position to the checkpoint and take it back
 on resume, through state_dict / load_state_dict like every other stateful component.
@@ -10,36 +10,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from ..api.job import InputFn
-from .pipeline import HostBatch, InputPipeline, InputPosition, concatenated
-
-if TYPE_CHECKING:
-    from ..step.context import ModeContext
+from ..api.config import DatasetConfig
+from .pipeline import HostBatch, InputPipeline, InputPosition, InputShard, concatenated
 
 logger = logging.getLogger("torch_tpu_estimator")
 
 
 class InputStreams:
-    """input_fn's batches for this process, and where each of its streams stands."""
+    """input_fn's batches for this process, and where each of its streams stands.
 
-    def __init__(self, ctx: ModeContext, input_fn: InputFn, one_pass: bool = False):
-        """`one_pass`: training reads to the end of one pass over the data (train() was given
-        no step limit and DatasetConfig no num_epochs)."""
-        self.ctx, self.input_fn, self.one_pass = ctx, input_fn, one_pass
-        self.shards = ctx.input_shards()
+    `shards` are the input_fn calls this process makes; `open_source(shard)` makes one (calls
+    input_fn for it); `one_pass`: training reads to the end of one pass over the data (train()
+    was given no step limit and DatasetConfig no num_epochs)."""
+
+    def __init__(self, shards: list[InputShard], open_source: Callable[[InputShard], Any],
+                 mode: str, dataset_config: DatasetConfig, seed: int, one_pass: bool = False):
+        self.shards, self.open_source, self.one_pass = shards, open_source, one_pass
+        self.mode, self.dataset_config, self.seed = mode, dataset_config, seed
         self.positions = {shard.key: InputPosition() for shard in self.shards}
         self.pipelines: list[InputPipeline] = []
 
     def host_batches(self) -> Iterator[HostBatch]:
         """Calls input_fn once per stream and yields this process's batches, each stream from
         its current position."""
-        self.pipelines = [
-            InputPipeline(self.ctx.call_input_fn(self.input_fn, shard), self.ctx.mode, shard,
-                          self.ctx.config.dataset_config, self.ctx.config.seed, self.one_pass)
-            for shard in self.shards]
+        self.pipelines = [InputPipeline(self.open_source(shard), self.mode, shard,
+                                        self.dataset_config, self.seed, self.one_pass)
+                          for shard in self.shards]
         return concatenated([pipeline.batches(self.positions[pipeline.shard.key])
                              for pipeline in self.pipelines])
 

@@ -22,23 +22,27 @@ from ..api.job import InputFn, Job
 from ..api.metrics import Metric
 from ..api.spec import ModeKeys, call_with_tensors
 from ..input.pipeline import HostBatch
-from ..input.streams import InputStreams
 from ..observability.progress import progress_hooks
 from ..observability.run_record import write_hparams
 from ..observability.summary import eval_dir, write_error, write_scalars
 from ..runtime.base import Replica
-from ..state.run_state import Checkpoint, RunState
+from ..state.run_state import RunState
+from ..state.schema import Checkpoint
+from ..step.building import build_run_state
 from ..step.context import ModeContext
 from ..step.gather import real_examples
 from ..step.loop import ModeProgram, StepRunner, run_loop, run_to_end
+from ..step.update import inference_weights
 from ..step.windows import WindowedBatches
 
 logger = logging.getLogger("torch_tpu_estimator")
 
 
 def _restored(ctx: ModeContext, checkpoint_path: str) -> RunState:
-    state = RunState.build(ctx)
-    state.load_inference_weights(Checkpoint.load(checkpoint_path))
+    state = build_run_state(ctx)
+    saved = Checkpoint.load(checkpoint_path)
+    state.load_weights(inference_weights(saved, ctx.config.update_config.ema_for_inference,
+                                         state.model_layout()), saved)
     state.model.eval()
     return state
 
@@ -47,7 +51,7 @@ def _windows(ctx: ModeContext, input_fn: InputFn, program: ModeProgram,
              steps: int | None = None) -> WindowedBatches:
     """The device batches of one pass; the program's context learns how many examples it has,
     when the input says (for the progress display)."""
-    streams = InputStreams(ctx, input_fn)
+    streams = ctx.input_streams(input_fn)
     windows = WindowedBatches(ctx.replica.device_batches(streams.host_batches()), ctx)
     examples = streams.examples()
     if examples is not None and steps is not None:

@@ -21,7 +21,6 @@ from ..api.job import InputFn, Job
 from ..api.spec import ModeKeys, call_with_tensors
 from ..common.tree import map_tensors
 from ..input.pipeline import HostBatch
-from ..input.streams import InputStreams
 from ..observability.progress import progress_hooks
 from ..observability.run_record import RunRecordHook
 from ..observability.summary import TrainSummaryHook
@@ -29,8 +28,10 @@ from ..runtime.base import Replica
 from ..state import checkpoint
 from ..state.checkpoint import latest_checkpoint
 from ..state.locking import model_dir_lock
-from ..state.run_state import Checkpoint, RunState
+from ..state.run_state import RunState
+from ..state.schema import Checkpoint
 from ..state.warm_start import warm_start
+from ..step.building import build_run_state
 from ..step.context import ModeContext
 from ..step.gather import real_examples
 from ..step.loop import ModeProgram, run_to_end
@@ -61,8 +62,8 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
         interrupt = stack.enter_context(TerminationRequest())
         one_pass = steps is None and max_steps is None and \
             job.config.dataset_config.num_epochs is None
-        streams = InputStreams(ctx, input_fn, one_pass)
-        state = RunState.build(ctx, streams)
+        streams = ctx.input_streams(input_fn, one_pass)
+        state = build_run_state(ctx, streams)
         _restore_or_warm_start(ctx, state)
         target = max_steps if max_steps is not None else (
             state.global_step + steps if steps is not None else None)
@@ -86,8 +87,7 @@ def _restore_or_warm_start(ctx: ModeContext, state: RunState) -> None:
         logger.info("Restored %s (global step %d)", latest, state.global_step)
     elif ctx.job.warm_start_from is not None:
         warm_start(state.model, ctx.job.warm_start_from)
-        if state.update is not None and state.update.ema is not None:
-            state.update.ema.reset()  # the average starts at the warm-started weights
+        state.update.weights_replaced()  # the EMA, if any, starts at the warm-started weights
 
 
 class TrainProgram(ModeProgram):
@@ -124,8 +124,7 @@ class TrainProgram(ModeProgram):
                 self.state.model, features, labels, params, update),
             batch.features, batch.labels, self.params, self.state.global_step + 1)
         self.note_spec_hooks(spec)
-        self.state.global_step += 1
-        self.state.streams.consumed(batch)
+        self.state.advance(batch)
         host_call = None
         if spec.host_call is not None and self.state.global_step % self.host_call_every == 0:
             self.host_call_fn, tensors = spec.host_call
@@ -184,12 +183,13 @@ class TrainProgram(ModeProgram):
     def _save(self, hooks: Sequence[Hook]) -> None:
         """Writes a checkpoint from the chief (every process gives its RNGs and input position),
         with the hooks' before_save / after_save around it; the others wait at a barrier."""
-        snapshot = self.state.capture()
+        tree = self.state.capture()
         if self.ctx.is_chief:
             for hook in hooks:
                 hook.before_save(self.context)
-            path = checkpoint.save_checkpoint(self.ctx.model_dir, self.state.global_step,
-                                              snapshot, self.ctx.config.keep_checkpoint_max,
+            path = checkpoint.save_checkpoint(self.ctx.model_dir, self.state.global_step, tree,
+                                              self.ctx.replica.to_host,
+                                              self.ctx.config.keep_checkpoint_max,
                                               self.ctx.config.keep_checkpoint_every_n_hours)
             for hook in hooks:
                 hook.after_save(self.context, path)

@@ -22,7 +22,8 @@ from tensorboardX.summary import hparams as hparams_summaries
 
 from ..api.hooks import Hook, RunContext
 from ..api.job import Job
-from ..state.checkpoint import atomic_write
+from ..common.version import __version__
+from ..state.files import atomic_write
 from .summary import open_writer
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -43,8 +44,6 @@ def _plain(value: Any) -> Any:
 
 def describe(job: Job, topology_name: str) -> dict[str, Any]:
     """The run's params, RunConfig and batch sizes, in plain JSON values."""
-    from .. import __version__
-
     return {"params": _plain(dict(job.params)),
             "config": _plain(dataclasses.asdict(job.config)),
             "batch_sizes": _plain(dict(job.batch_sizes)), "runtime": topology_name,

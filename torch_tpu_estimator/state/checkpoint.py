@@ -1,8 +1,9 @@
-"""Checkpoint files in model_dir: atomic writes, an index of the kept ones, retention, reading.
+"""Checkpoints in model_dir: an index of the kept ones, publishing, retention, damage.
 
-A checkpoint is `model.ckpt-<global_step>.pt`, a `torch.save` of plain tensors and Python values,
-written to a temporary name, flushed to disk, then renamed, so a crash never leaves a half file
-under a checkpoint's name. `checkpoint.json` lists the kept checkpoints, newest last; it is
+A checkpoint is `model.ckpt-<global_step>.pt`, one file, or `model.ckpt-<global_step>/`, a
+directory when its tensors are sharded (storage.py decides and writes), written under a
+temporary name, flushed to disk, then renamed, so a crash never leaves half of one under a
+checkpoint's name. `checkpoint.json` lists the kept checkpoints, newest last; it is
 rewritten the same way, after the checkpoint it names is complete, with each checkpoint's
 SHA-256: a checkpoint damaged later (truncated by a full disk, changed by hand) is reported by
 name and skipped for the previous one, and the next save moves it aside as `<name>.damaged`
@@ -12,31 +13,25 @@ name and skipped for the previous one, and the next save moves it aside as `<nam
 from __future__ import annotations
 
 import dataclasses
-import errno
-import hashlib
 import itertools
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
-import tempfile
 import time
-import warnings
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from ..common.paths import plain_name
+from . import storage
+from .files import TEMP_PREFIX, atomic_write, sha256
 
 logger = logging.getLogger("torch_tpu_estimator")
 
 INDEX_NAME = "checkpoint.json"
 _CHECKPOINT_NAME = re.compile(r"^model\.ckpt-(\d+)(\.pt)?$")  # a file, or a sharded directory
-_TEMP_PREFIX = ".tmp-checkpoint-"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -52,93 +47,6 @@ def step_of(path: str) -> int:
     if not match:
         raise ValueError(f"{path!r} is not a checkpoint file name (model.ckpt-<step>.pt)")
     return int(match.group(1))
-
-
-def fsync_path(path: str) -> None:
-    """Flushes a file's or a directory's contents (for a directory: its entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _HashingWriter:
-    """A file handle that hashes what goes through it, so a checkpoint's SHA-256 is known
-    without reading the file back, and keeps the OSError a write raised (torch.save reports a
-    failed write as an unrelated RuntimeError)."""
-
-    def __init__(self, handle: Any):
-        self.handle = handle
-        self.digest = hashlib.sha256()
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            written = self.handle.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-        self.digest.update(data)
-        return written
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-def _write_error(error: OSError, path: str) -> OSError:
-    """An OSError that says what failed, for which file: "no space left" for a full disk."""
-    reason = "no space left on device" if error.errno == errno.ENOSPC else (
-        error.strerror or str(error))
-    return OSError(error.errno, f"{reason} while writing {path}; the checkpoints written "
-                   "before it are intact")
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (os.umask sets it to read it, which
-    would widen it for a moment in every other thread)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def creation_mode(directory: bool = False) -> int:
-    """The permissions open() and mkdir() give a new file or folder under the umask: what a
-    reader running as another account (an evaluator, TensorBoard, a server) expects, where
-    mkstemp and mkdtemp would give 0600 and 0700."""
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-def atomic_write(path: str, write: Callable[[Any], None]) -> str:
-    """Calls write(file) on a temporary file beside `path`, then renames it to `path`; returns
-    the SHA-256 of the bytes written. The file gets the permissions open() would give it."""
-    directory = os.path.dirname(path) or "."
-    fd, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=directory)
-    writer = None
-    try:
-        os.fchmod(fd, creation_mode())
-        with os.fdopen(fd, "wb") as handle:
-            writer = _HashingWriter(handle)
-            write(writer)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-        fsync_path(directory)
-    except BaseException as error:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        failed_write = writer.error if writer is not None and writer.error is not None else error
-        if isinstance(failed_write, OSError):
-            raise _write_error(failed_write, path) from error
-        raise
-    return writer.digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -247,42 +155,6 @@ def retain(index: Index, keep_max: int | None, every_n_hours: float | None) -> l
     return deleted
 
 
-def _sha256(path: str) -> str:
-    """A file's SHA-256; a directory's is that of its files' names and SHA-256s."""
-    if os.path.isdir(path):
-        listing = "".join(f"{name}:{_sha256(os.path.join(path, name))}\n"
-                          for name in sorted(os.listdir(path)))
-        return hashlib.sha256(listing.encode()).hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_directory(path: str, write: Callable[[str], None]) -> str:
-    """Calls write(directory) on a temporary directory beside `path`, flushes its files, then
-    renames it to `path`; returns its SHA-256 (its files are read back once to hash them). The
-    directory gets the permissions mkdir() would give it."""
-    parent = os.path.dirname(path) or "."
-    temporary = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=parent)
-    try:
-        os.chmod(temporary, creation_mode(directory=True))
-        write(temporary)
-        for name in os.listdir(temporary):
-            fsync_path(os.path.join(temporary, name))
-        fsync_path(temporary)
-        digest = _sha256(temporary)
-        os.rename(temporary, path)
-        fsync_path(parent)
-    except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise _write_error(error, path) from error
-        raise
-    return digest
-
-
 # Files whose digest matched, by identity and change time: hashed once per process.
 _VERIFIED: set[tuple] = set()
 # Checkpoint files found damaged by this process: the next save moves them aside.
@@ -302,7 +174,7 @@ def damage(path: str, digest: str | None) -> str | None:
     if os.path.isdir(path) and any(os.path.islink(os.path.join(path, name))
                                    for name in os.listdir(path)):
         problem = "it holds a symbolic link, which could lead outside it"
-    elif digest is not None and _sha256(path) != digest:
+    elif digest is not None and sha256(path) != digest:
         problem = "its SHA-256 differs from the one recorded when it was written"
     elif digest is None and not os.path.isdir(path) and not zipfile.is_zipfile(path):
         problem = "it is not a complete torch.save archive"
@@ -365,7 +237,7 @@ def _remove_stale_temporaries(model_dir: str) -> None:
     """Half-written files of a checkpoint writer that was killed (the chief is the only one)."""
     for name in os.listdir(model_dir):
         path = os.path.join(model_dir, name)
-        if name.startswith(_TEMP_PREFIX):  # a link is removed, never what it leads to
+        if name.startswith(TEMP_PREFIX):  # a link is removed, never what it leads to
             is_folder = os.path.isdir(path) and not os.path.islink(path)
             shutil.rmtree(path) if is_folder else os.remove(path)
             logger.info("Removed %s, left by an interrupted checkpoint write", name)
@@ -409,22 +281,19 @@ def _set_aside(model_dir: str, index: Index, new_name: str) -> None:
                        new_name, INDEX_NAME, moved)
 
 
-def save_checkpoint(model_dir: str, global_step: int, state: dict | Callable[[str], None],
-                    keep_checkpoint_max: int | None,
+def save_checkpoint(model_dir: str, global_step: int, tree: Any,
+                    to_host: Callable[[Any], Any], keep_checkpoint_max: int | None,
                     keep_checkpoint_every_n_hours: float | None = None) -> str:
-    """Writes the checkpoint of `global_step`, then applies retention. `state` is a dict (one
-    file, torch.save) or a function that writes a sharded checkpoint into a directory."""
+    """Writes the checkpoint of `global_step` (the run's tree; storage.py decides one file or a
+    sharded directory, `to_host` brings tensors to the host), publishes it in the index, then
+    applies retention."""
     os.makedirs(model_dir, exist_ok=True)
     _remove_stale_temporaries(model_dir)
-    sharded = callable(state)
-    name = checkpoint_name(global_step, sharded)
+    name = checkpoint_name(global_step, storage.is_sharded(tree))
     index = read_index(model_dir)
     _set_aside(model_dir, index, name)
     path = os.path.join(model_dir, name)
-    if sharded:
-        digest = atomic_directory(path, state)
-    else:
-        digest = atomic_write(path, lambda handle: torch.save(state, handle))
+    digest = storage.write(path, tree, to_host)
     _VERIFIED.add(_identity(path, digest))  # hashed as written: no read back
     index.digests[name] = digest
     index.written[name] = now()
@@ -438,23 +307,6 @@ def save_checkpoint(model_dir: str, global_step: int, state: dict | Callable[[st
         shutil.rmtree(old_path) if os.path.isdir(old_path) else os.remove(old_path)
     logger.info("Saved checkpoint for step %d into %s", global_step, path)
     return path
-
-
-def load_checkpoint(path: str) -> Any:
-    """Maps a checkpoint file into CPU memory with torch.load's weights-only reader (plain
-    tensors and Python values, never arbitrary objects); run_state.Checkpoint checks what it
-    holds. Its tensors are views of the mapped file: reading one reads its pages only, and
-    after latest_checkpoint hashed the file they come from the page cache (one disk read)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    try:
-        with warnings.catch_warnings():  # torch's notes on a file that is not ours: noise
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        raise ValueError(f"checkpoint {path!r} cannot be read (truncated, corrupt or not "
-                         f"readable): {error}") from error
-    return state
 
 
 def resolve_checkpoint_path(path: str) -> str:

@@ -20,12 +20,12 @@ from ..api.job import InputFn, Job
 from ..api.spec import ModeKeys, TPUEstimatorSpec, validate_spec
 from ..input.pipeline import InputShard, call_input_fn
 from ..input.seeding import derive_seed, seeded
+from ..input.streams import InputStreams
 from ..runtime.base import Replica, ReplicaContext
 from .windows import steps_per_program
 
 T = TypeVar("T")
 
-RESERVED_PARAMS = ("batch_size", "context", "use_tpu")
 
 
 class ModeContext:
@@ -97,6 +97,11 @@ class ModeContext:
             return call_input_fn(lambda: binding(params=params, mode=self.mode,
                                                  config=self.config, input_context=shard.context),
                                  shard.batch_size, self.mode)
+
+    def input_streams(self, input_fn: InputFn, one_pass: bool = False) -> InputStreams:
+        """This process's input streams in this mode: one per input_fn call it makes."""
+        return InputStreams(self.input_shards(), lambda shard: self.call_input_fn(input_fn, shard),
+                            self.mode, self.config.dataset_config, self.config.seed, one_pass)
 
     def call_model_fn(self, model: torch.nn.Module, features: Any, labels: Any,
                       params: dict, update: Any = None) -> TPUEstimatorSpec:

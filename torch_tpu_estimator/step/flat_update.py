@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -212,3 +213,27 @@ class FlatAdam:
         group.exp_avg.copy_(exp_avg)
         group.exp_avg_sq.copy_(exp_avg_sq)
         group.weights.copy_(torch.addcdiv(weights, exp_avg, denom, value=-step_size))
+
+
+def _shared(optimizers: Mapping[str, torch.optim.Optimizer]) -> set[str]:
+    """The optimizers that hold a parameter another one holds too."""
+    owners: dict[int, set[str]] = {}
+    for name, optimizer in optimizers.items():
+        for parameter in [p for group in optimizer.param_groups for p in group["params"]]:
+            owners.setdefault(id(parameter), set()).add(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def optimizer_steppers(optimizers: Mapping[str, torch.optim.Optimizer],
+                       flat: bool) -> dict[str, Callable[[], None]]:
+    """Each optimizer's step: with `flat` (UpdateConfig(flat_optimizer), parameters not
+    sharded), FlatAdam's where it is exact, else torch's own."""
+    if not flat:
+        return {name: optimizer.step for name, optimizer in optimizers.items()}
+    shared = _shared(optimizers)
+    if shared:
+        logger.info("flat_optimizer: optimizers %s share parameters, so torch's own step "
+                    "updates them (one flat buffer per parameter)", sorted(shared))
+    return {name: FlatAdam(optimizer, name).step
+            if name not in shared and flattenable(optimizer) else optimizer.step
+            for name, optimizer in optimizers.items()}

@@ -34,98 +34,23 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from ..api.config import UpdateConfig
-from ..common.tree import map_tensors
 from ..runtime.base import Progress, Replica
-from .flat_update import FlatAdam, flattenable
+from ..state.run_state import layout_of
+from ..state.schema import LEGACY_SHARDED, Checkpoint, Layout
+from ..state.storage import marker
+from .ema import ExponentialMovingAverage
+from .flat_update import optimizer_steppers
+from .micro_batches import joined, micro_batch
 
 logger = logging.getLogger("torch_tpu_estimator")
 
 DEFAULT_OPTIMIZER = "default"
 
 
-class ExponentialMovingAverage:
-    """A moving average of a module's weights on its device: floating tensors are averaged
-    (ema += (1 - decay) * (weights - ema)), other buffers copied; one foreach op a step."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.module, self.decay = module, decay
-        self.shadow = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-
-    def reset(self) -> None:
-        """Starts the average at the module's current weights (restored or warm-started)."""
-        with torch.no_grad():
-            for name, tensor in self.module.state_dict().items():
-                self.shadow[name].copy_(tensor)
-
-    def update(self) -> None:
-        current = self.module.state_dict()
-        floating = [name for name, tensor in self.shadow.items() if tensor.is_floating_point()]
-        with torch.no_grad():
-            torch._foreach_lerp_([self.shadow[name] for name in floating],
-                                 [current[name].detach() for name in floating], 1.0 - self.decay)
-            for name, tensor in self.shadow.items():
-                if not tensor.is_floating_point():
-                    tensor.copy_(current[name])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if set(state) != set(self.shadow):
-            raise ValueError(f"the checkpoint's EMA holds {sorted(state)}, the model "
-                             f"{sorted(self.shadow)}")
-        with torch.no_grad():
-            for name, tensor in self.shadow.items():
-                if state[name] is not tensor:  # a sharded EMA is read into the shadow in place
-                    tensor.copy_(state[name])
-
-
-def split_optimizer_fn_result(made: Any) -> tuple[dict[str, torch.optim.Optimizer],
-                                                  dict[str, Any]]:
-    """optimizer_fn's answer (an optimizer, (optimizer, scheduler), or a dict of name -> either)
-    as named optimizers and their schedulers (None where there is none)."""
-    named = made if isinstance(made, Mapping) else {DEFAULT_OPTIMIZER: made}
-    optimizers, schedulers = {}, {}
-    for name, value in named.items():
-        optimizer, scheduler = value if isinstance(value, tuple) else (value, None)
-        if not isinstance(name, str) or not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                "optimizer_fn must return a torch.optim.Optimizer, (optimizer, lr_scheduler), or "
-                f"a dict of str names to either; got {type(optimizer).__name__} for {name!r}")
-        optimizers[name], schedulers[name] = optimizer, scheduler
-    if not optimizers:
-        raise TypeError("optimizer_fn returned an empty dict: give at least one optimizer")
-    return optimizers, schedulers
-
-
 def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [parameter for group in optimizer.param_groups for parameter in group["params"]]
-
-
-def _micro_batch(tree: Any, index: int, count: int) -> Any:
-    """Rows index, index + count, index + 2 count, ... of every tensor: each replica's block of
-    rows gives every micro-batch its share, so an SPMD mesh needs no data movement."""
-    return map_tensors(lambda tensor: tensor.reshape(
-        tensor.shape[0] // count, count, *tensor.shape[1:])[:, index], tree)
-
-
-def _joined(trees: list[Any]) -> Any:
-    """Micro-batches' outputs as one batch's: rows concatenated, scalars averaged."""
-    return tree_map(lambda *leaves: (torch.stack(leaves).mean(0) if leaves[0].dim() == 0
-                                     else torch.cat(leaves)) if isinstance(leaves[0], torch.Tensor)
-                    else leaves[0], *trees)
-
-
-def _shared(optimizers: Mapping[str, torch.optim.Optimizer]) -> set[str]:
-    """The optimizers that hold a parameter another one holds too."""
-    owners: dict[int, set[str]] = {}
-    for name, optimizer in optimizers.items():
-        for parameter in _parameters(optimizer):
-            owners.setdefault(id(parameter), set()).add(name)
-    return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
 class UpdateStep:
@@ -136,7 +61,8 @@ class UpdateStep:
                  config: UpdateConfig):
         self.replica, self.config = replica, config
         self.optimizers, self.schedulers = optimizers, schedulers
-        self._steppers = self._make_steppers()
+        self._steppers = optimizer_steppers(
+            optimizers, config.flat_optimizer and not replica.shards_parameters)
         for name, optimizer in optimizers.items():
             optimizer.register_step_pre_hook(
                 lambda optimizer, args, kwargs, name=name: self._stepped_by_model_fn(name))
@@ -147,19 +73,6 @@ class UpdateStep:
         self._reduced: set[str] = set()  # optimizers whose gradients are averaged, not yet used
         self._stepped_directly: set[str] = set()  # optimizers model_fn stepped itself
         self._accumulating = False
-
-    def _make_steppers(self) -> dict[str, Callable[[], None]]:
-        """Each optimizer's step: torch's, or the same Adam over flat buffers (flat_update.py)
-        where that is exact."""
-        if not self.config.flat_optimizer or self.replica.shards_parameters:
-            return {name: optimizer.step for name, optimizer in self.optimizers.items()}
-        shared = _shared(self.optimizers)
-        if shared:
-            logger.info("flat_optimizer: optimizers %s share parameters, so torch's own step "
-                        "updates them (one flat buffer per parameter)", sorted(shared))
-        return {name: FlatAdam(optimizer, name).step
-                if name not in shared and flattenable(optimizer) else optimizer.step
-                for name, optimizer in self.optimizers.items()}
 
     def _named(self, name: str | None) -> str:
         if name is None:
@@ -316,15 +229,15 @@ class UpdateStep:
         micro_params = {**params, "batch_size": params["batch_size"] // count}
         specs = []
         for index in range(count):
-            spec = call_model_fn(_micro_batch(features, index, count),
-                                 _micro_batch(labels, index, count), micro_params, None)
+            spec = call_model_fn(micro_batch(features, index, count),
+                                 micro_batch(labels, index, count), micro_params, None)
             self.backward(spec.loss / count)
             specs.append(spec)
         last = specs[-1]
         last.loss = torch.stack([spec.loss.detach() for spec in specs]).mean()
         if last.host_call is not None:
             last.host_call = (last.host_call[0],
-                              _joined([spec.host_call[1] for spec in specs]))
+                              joined([spec.host_call[1] for spec in specs]))
         return last
 
     def _require_one_optimizer(self) -> None:
@@ -366,3 +279,67 @@ class UpdateStep:
                 self.ema.load_state_dict(state["ema"])
             else:
                 self.ema.reset()
+
+    def restore(self, saved: Checkpoint, in_place: bool) -> None:
+        """Takes this step's state from `saved` (after the module's weights): with `in_place`
+        (parameters sharded), a sharded checkpoint's tensors are read into the run's own,
+        each device its shards; the optimizers get their state first (primed), to read into."""
+        outline = current_layout(saved.outline("update"), saved.sharded_keys)
+        if outline is None:  # a checkpoint written by evaluate-only code: nothing to take
+            return
+        layout = None
+        if in_place:
+            from torch_xla.experimental.distributed_checkpoint import prime_optimizer
+
+            for optimizer in self.optimizers.values():
+                prime_optimizer(optimizer)
+            layout = layout_of(self.state_dict())
+        self.load_state_dict(saved.resolve(outline, layout))
+
+    def weights_replaced(self) -> None:
+        """The module's weights were set from outside (warm start): the EMA starts at them."""
+        if self.ema is not None:
+            self.ema.reset()
+
+
+def current_layout(outline: Any, sharded_keys: Callable[[], list[str]]) -> Any:
+    """A checkpoint's update state in this version's layout. 0.1 (format 1) kept one
+    "optimizer" and "scheduler"; 0.2 (format 2) had this layout, but a sharded checkpoint's
+    EMA was one marker for DCP keys "ema/<name>" and its optimizer slots markers for
+    "optimizers/<name>/<index>/<slot>"."""
+    if not isinstance(outline, Mapping) or "legacy_format" not in outline:
+        return outline
+    if outline["legacy_format"] == 1:
+        optimizer = outline.get("optimizer")
+        return {"optimizers": {DEFAULT_OPTIMIZER: optimizer} if optimizer is not None else {},
+                "schedulers": {DEFAULT_OPTIMIZER: outline.get("scheduler")}, "ema": None}
+    ema = outline.get("ema")
+    if ema == LEGACY_SHARDED:
+        ema = {key.removeprefix("ema/"): marker(key) for key in sharded_keys()
+               if key.startswith("ema/")}
+    optimizers = {name: {**state, "state": {
+        index: {slot: marker(f"optimizers/{name}/{index}/{slot}") if value == LEGACY_SHARDED
+                else value for slot, value in slots.items()}
+        for index, slots in state["state"].items()}}
+        for name, state in outline.get("optimizers", {}).items()}
+    return {"optimizers": optimizers, "schedulers": outline.get("schedulers", {}), "ema": ema}
+
+
+def inference_weights(saved: Checkpoint, prefer_ema: bool,
+                      layout: Layout | None = None) -> dict[str, torch.Tensor]:
+    """The weights evaluate, predict and export use: the EMA's when asked for and kept
+    (UpdateConfig(ema_for_inference)), else the module's."""
+    outline = current_layout(saved.outline("update"), saved.sharded_keys)
+    if prefer_ema and isinstance(outline, Mapping) and outline.get("ema") is not None:
+        return saved.resolve(outline["ema"], layout)
+    return saved.part("model", layout=layout)
+
+
+def describe(saved: Checkpoint) -> str:
+    """What a checkpoint keeps of the update step, in a line (inspect)."""
+    outline = current_layout(saved.outline("update"), saved.sharded_keys) or {}
+    optimizers = sorted(outline.get("optimizers", {}))
+    schedulers = sorted(name for name, state in outline.get("schedulers", {}).items() if state)
+    return (f"optimizers: {', '.join(optimizers) or 'none'}; lr schedulers: "
+            f"{', '.join(schedulers) or 'none'}; EMA of the weights: "
+            f"{'yes' if outline.get('ema') is not None else 'no'}")
