@@ -18,7 +18,8 @@ from torch.utils.data import TensorDataset
 from torch_tpu_estimator.api.config import DatasetConfig
 from torch_tpu_estimator.api.spec import ModeKeys
 from torch_tpu_estimator.data import TensorSlices
-from torch_tpu_estimator.input.pipeline import InputPipeline, InputPosition, InputShard
+from torch_tpu_estimator.input.batches import InputPosition, InputShard
+from torch_tpu_estimator.input.pipeline import InputPipeline
 from torch_tpu_estimator.runtime.base import ReplicaContext
 
 CONTEXT = ReplicaContext(0, 2, 0, 1, device="cpu")

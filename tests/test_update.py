@@ -16,6 +16,7 @@ from helpers import (
     make_data,
     make_estimator,
     model_fn,
+    read_scalars,
     run_fresh,
     same_values,
 )
@@ -78,6 +79,18 @@ def test_clipping_applies_to_the_averaged_gradient_on_every_layout(tmp_path, lay
     assert applied_norm == pytest.approx(CLIP, rel=1e-4)
     for name, step in applied.items():
         np.testing.assert_allclose(step, clipped[name], rtol=1e-3, atol=1e-7, err_msg=name)
+
+
+def test_the_gradient_norm_before_clipping_is_charted_in_tensorboard(tmp_path):
+    """A training scalar of the update step, read back at the window's end like the loss."""
+    _, _, norm = _hand_clipped_gradient()
+    estimator = make_estimator(tmp_path, params={"lr": 1.0}, save_summary_steps=1,
+                               update_config=UpdateConfig(clip_global_norm=CLIP),
+                               dataset_config=DatasetConfig(shuffle=False))
+    estimator.train(lambda params: make_data(64), steps=2)
+    charted = read_scalars(str(tmp_path))["gradient_norm"]
+    assert sorted(charted) == [1, 2]
+    assert charted[1] == pytest.approx(norm, rel=1e-5)
 
 
 ACCUMULATED = r"""

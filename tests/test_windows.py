@@ -3,6 +3,7 @@ and predict, into device programs of several steps (TPUConfig.inference_steps_pe
 
 from __future__ import annotations
 
+import math
 import time
 from types import SimpleNamespace
 
@@ -12,7 +13,8 @@ from helpers import make_data, make_estimator, run_fresh
 from test_eval_predict import exact_model_fn
 
 from torch_tpu_estimator import TPUConfig
-from torch_tpu_estimator.step.windows import WindowedBatches, groups, steps_per_program
+from torch_tpu_estimator.step.plan import ExecutionPlan, steps_per_program
+from torch_tpu_estimator.step.windows import WindowedBatches, groups
 
 
 @pytest.mark.parametrize(("setting", "window_steps", "expected"), [
@@ -32,10 +34,10 @@ def _timed_windows(batches: int, group_size: int, seconds: float) -> WindowedBat
     """WindowedBatches over `batches` items with a time budget, on one chief process."""
     replica = SimpleNamespace(is_chief=True, topology=SimpleNamespace(num_processes=1),
                               host_gather=lambda value: [value])
-    tpu_config = SimpleNamespace(window_steps=None, window_seconds=seconds)
-    ctx = SimpleNamespace(replica=replica, agrees_each_step=False, steps_per_program=group_size,
-                          config=SimpleNamespace(tpu_config=tpu_config))
-    return WindowedBatches(iter(range(batches)), ctx)
+    plan = ExecutionPlan(window_steps=math.inf, window_seconds=seconds,
+                         steps_per_program=group_size, replay=False, agree_each_step=False,
+                         max_graphs=None)
+    return WindowedBatches(iter(range(batches)), plan, replica)
 
 
 def _window_sizes(windows: WindowedBatches, pause: float) -> list[int]:

@@ -38,6 +38,9 @@ class Window:
     examples: int  # global examples consumed in the window
     # TRAIN: one per step, every parameter group's rate as "<optimizer>/<group index>"
     group_learning_rates: Sequence[Mapping[str, float]] = ()
+    # TRAIN: the update step's named scalars (the gradient norm before clipping), one value per
+    # step, replica mean; NaN in a step that did not compute it
+    scalars: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def learning_rates(self) -> list[float]:

@@ -54,7 +54,9 @@ class TPUEstimatorSpec:
 
 @dataclasses.dataclass
 class EstimatorSpec:
-    """model_fn's answer for plain PyTorch execution, e.g. EVAL with `eval_on_tpu=False`.
+    """TF's Estimator answer, accepted in every mode and on every runtime like
+    TPUEstimatorSpec (ported code returns it where TF ran on the CPU, e.g. EVAL with
+    `eval_on_tpu=False`).
 
     The fields mean what they mean in TPUEstimatorSpec; TF's EstimatorSpec has no host_call,
     so it is always None here (the loops read it from either spec).

@@ -193,12 +193,4 @@ class TPUConfig:
         """The most different step graphs `mode` may trace, or None for no limit."""
         return (self.max_graphs_per_mode or {}).get(mode)
 
-    @property
-    def window_steps(self) -> int | None:
-        return parse_iterations_per_loop(self.iterations_per_loop)[0]
-
-    @property
-    def window_seconds(self) -> float | None:
-        return parse_iterations_per_loop(self.iterations_per_loop)[1]
-
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..api.config import DatasetConfig
-from .pipeline import HostBatch, InputPipeline, InputPosition, InputShard, concatenated
+from .batches import HostBatch, InputPosition, InputShard, concatenated
+from .pipeline import InputPipeline
 
 logger = logging.getLogger("torch_tpu_estimator")
 

@@ -21,7 +21,7 @@ from ..api.hooks import Hook, Window
 from ..api.job import InputFn, Job
 from ..api.metrics import Metric
 from ..api.spec import ModeKeys, call_with_tensors
-from ..input.pipeline import HostBatch
+from ..input.batches import HostBatch
 from ..observability.progress import progress_hooks
 from ..observability.run_record import write_hparams
 from ..observability.summary import eval_dir, write_error, write_scalars
@@ -52,7 +52,8 @@ def _windows(ctx: ModeContext, input_fn: InputFn, program: ModeProgram,
     """The device batches of one pass; the program's context learns how many examples it has,
     when the input says (for the progress display)."""
     streams = ctx.input_streams(input_fn)
-    windows = WindowedBatches(ctx.replica.device_batches(streams.host_batches()), ctx)
+    windows = WindowedBatches(ctx.replica.device_batches(streams.host_batches()), ctx.plan,
+                              ctx.replica)
     examples = streams.examples()
     if examples is not None and steps is not None:
         examples = min(examples, steps * ctx.global_batch_size)
@@ -97,7 +98,7 @@ class InferenceProgram(ModeProgram):
 
     def group_runner(self, run_step: StepRunner) -> Callable[[list[HostBatch]], list[Any]]:
         """Traced groups, or replayed ones where TPUConfig.replay_inference asks for it."""
-        if not self.ctx.replays_inference:
+        if not self.ctx.plan.replay:
             if self.ctx.config.tpu_config.replay_inference:
                 logger.info("replay_inference has no effect on %s: every step is traced",
                             type(self.ctx.replica).__name__)

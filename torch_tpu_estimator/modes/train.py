@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..api.hooks import Hook, LoggingHook, NanLossGuard, Window
 from ..api.job import InputFn, Job
 from ..api.spec import ModeKeys, call_with_tensors
 from ..common.tree import map_tensors
-from ..input.pipeline import HostBatch
+from ..input.batches import HostBatch
 from ..observability.progress import progress_hooks
 from ..observability.run_record import RunRecordHook
 from ..observability.summary import TrainSummaryHook
@@ -67,7 +69,8 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
         _restore_or_warm_start(ctx, state)
         target = max_steps if max_steps is not None else (
             state.global_step + steps if steps is not None else None)
-        windows = WindowedBatches(replica.device_batches(streams.host_batches()), ctx, interrupt)
+        windows = WindowedBatches(replica.device_batches(streams.host_batches()), ctx.plan,
+                                  replica, interrupt)
         program = TrainProgram(ctx, state, target, hooks)
         program.context.total_steps = None if target is None else target - state.global_step
         state.model.train()
@@ -116,7 +119,7 @@ class TrainProgram(ModeProgram):
         return steps_to_next_stop(self.state.global_step, self.target,
                                   [*self.hooks, *(self.spec_hooks or ())])
 
-    def step(self, batch: HostBatch) -> tuple[torch.Tensor, Any]:
+    def step(self, batch: HostBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
         update = self.state.update
         self.learning_rates.append(update.learning_rates())
         spec = update.run(
@@ -129,20 +132,25 @@ class TrainProgram(ModeProgram):
         if spec.host_call is not None and self.state.global_step % self.host_call_every == 0:
             self.host_call_fn, tensors = spec.host_call
             host_call = map_tensors(torch.Tensor.detach, tensors)
-        return spec.loss.detach(), host_call
+        return spec.loss.detach(), update.scalars, host_call
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, None]:
         replica = self.ctx.replica
         first_step = self.context.global_step
-        losses, host_call_tensors = replica.to_host([[loss for loss, _ in outputs],
-                                                     [tensors for _, tensors in outputs]])
+        losses, scalars, host_call_tensors = replica.to_host(
+            [list(column) for column in zip(*outputs, strict=True)])
         if self.host_call_fn is not None:
             self._run_host_call(host_call_tensors, first_step)
-        window = Window(first_step=first_step, last_step=self.state.global_step,
-                        losses=replica.host_mean(torch.stack(losses).double().numpy()),
+        names = sorted({name for step_scalars in scalars for name in step_scalars})
+        rows = replica.host_mean(np.array(  # every replica's in one collective
+            [[float(loss) for loss in losses],
+             *([float(step_scalars.get(name, math.nan)) for step_scalars in scalars]
+               for name in names)], dtype=np.float64))
+        window = Window(first_step=first_step, last_step=self.state.global_step, losses=rows[0],
                         group_learning_rates=self.learning_rates, seconds=seconds,
-                        examples=len(outputs) * self.ctx.global_batch_size)
+                        examples=len(outputs) * self.ctx.global_batch_size,
+                        scalars=dict(zip(names, rows[1:], strict=True)))
         self.learning_rates = []
         self.context.global_step = self.state.global_step
         return window, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import uuid
@@ -45,7 +46,8 @@ def write_scalars(directory: str, values: dict[str, float], step: int) -> None:
 
 
 class TrainSummaryHook(Hook):
-    """Writes loss, learning rate, global_step/sec and examples/sec every `every_n_steps` steps.
+    """Writes loss, learning rate, global_step/sec, examples/sec and the update step's scalars
+    (Window.scalars: the gradient norm before clipping) every `every_n_steps` steps.
 
     The window's per-step losses are on the host, so the loss written at step s is the loss of
     step s exactly, wherever the window boundaries fall.
@@ -75,6 +77,9 @@ class TrainSummaryHook(Hook):
                     self._writer.add_scalar(f"learning_rate/{name}", rate, step)
             self._writer.add_scalar("global_step/sec", steps_per_sec, step)
             self._writer.add_scalar("examples/sec", window.examples / seconds, step)
+            for name, values in window.scalars.items():  # the update step's (gradient_norm)
+                if math.isfinite(values[index]):
+                    self._writer.add_scalar(name, float(values[index]), step)
 
     def end(self, context: RunContext) -> None:
         if self._writer is not None:

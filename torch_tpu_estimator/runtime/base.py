@@ -2,8 +2,9 @@
 brings back the chief's result; a Replica is one process's handle on its device and its peers,
 and exists only inside a replica, after launch.
 
-The loops talk only to Replica and never ask which backend they run on (what differs on XLA
-beyond that, the flat optimizer and sharded checkpoints, asks the tensors' device).
+The loops talk only to Replica and never ask which backend they run on; what differs beyond
+it asks the replica's properties (shards_parameters: sharded checkpoints, no flat optimizer;
+replays_programs: replay) or, for storage, the tensors themselves.
 Two layouts exist: one process per replica (xla_mp, torch_dist), where each process traces
 model_fn over its replica's share of the global batch, and one process driving every device
 (xla_spmd), where model_fn traces one program over the whole global batch.

@@ -76,7 +76,7 @@ class XlaReplica(Replica):
     def device_batches(self, host_batches: Iterable[Any]) -> Iterator[Any]:
         # Each batch is made in this thread, as the loop asks for the one SENT_AHEAD batches
         # before it: the input draws from the host generators seeded per example and batch
-        # (host_random.py), which a second thread drawing beside model_fn would disturb. Its
+        # (input/seeding.py), which a second thread drawing beside model_fn would disturb. Its
         # copy to the device runs in a thread of its own, as MpDeviceLoader's do: a transfer
         # made while the device is busy waits on the busy cores, and this thread meanwhile
         # traces the next step. Steps are cut by the step runner alone: every mark_step

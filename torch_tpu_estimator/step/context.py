@@ -1,14 +1,15 @@
 """A replica's job in one mode, bound once inside the replica (TF's _InternalTPUContext).
 
-The Job, the Replica handle and the mode together answer every question the loops ask: the
-params model_fn and input_fn see (reserved keys built here and only here), which input_fn calls
-this process makes, the batch each call sees, chief-ness, the step runner and the window
-settings. Export and `eval_on_tpu=False` bind the same way, to a plain PyTorch replica (CPU, or
-CUDA when present).
+Two concerns: binding the user's functions (the params model_fn and input_fn see, reserved
+keys built here and only here; calling them by argument name) and the input layout (which
+input_fn calls this process makes, the batch each call sees). How the call runs its steps is
+the ExecutionPlan (plan.py), built once here. Export and `eval_on_tpu=False` bind the same way,
+to a plain PyTorch replica (CPU, or CUDA when present).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,14 +19,14 @@ from ..api.binding import INPUT_FN_ARGUMENTS, bind
 from ..api.config import RunConfig
 from ..api.job import InputFn, Job
 from ..api.spec import ModeKeys, TPUEstimatorSpec, validate_spec
-from ..input.pipeline import InputShard, call_input_fn
+from ..input.batches import InputShard
 from ..input.seeding import derive_seed, seeded
+from ..input.sources import call_input_fn
 from ..input.streams import InputStreams
 from ..runtime.base import Replica, ReplicaContext
-from .windows import steps_per_program
+from .plan import ExecutionPlan
 
 T = TypeVar("T")
-
 
 
 class ModeContext:
@@ -89,7 +90,7 @@ class ModeContext:
 
     def call_input_fn(self, input_fn: InputFn, shard: InputShard) -> Any:
         """What input_fn returns for one of this process's input streams. It runs with the
-        host generators seeded by the run seed, the mode and the stream (host_random.py):
+        host generators seeded by the run seed, the mode and the stream (input/seeding.py):
         data it draws is the same in every call, resumed or not, and on every process."""
         binding = bind(input_fn, "input_fn", INPUT_FN_ARGUMENTS, params_alone=True)
         params = self.params(shard.batch_size, shard.context)
@@ -117,30 +118,12 @@ class ModeContext:
         return validate_spec(spec, self.mode,
                              manual_update=update is not None and update.took_charge)
 
+    @functools.cached_property
+    def plan(self) -> ExecutionPlan:
+        """How this call runs its steps (plan.py), decided once."""
+        return ExecutionPlan.of(self.config, self.mode, self.replica.topology,
+                                self.replica.replays_programs, self.per_host_input)
+
     def step_runner(self) -> Callable[[Callable[[], T]], T]:
-        return self.replica.step_runner(self.mode,
-                                        self.config.tpu_config.max_graphs(self.mode))
-
-    @property
-    def steps_per_program(self) -> int:
-        """Steps traced into one device program: 1 in training; in evaluate and predict,
-        TPUConfig.inference_steps_per_execution fitted to the window."""
-        if self.mode == ModeKeys.TRAIN:
-            return 1
-        tpu_config = self.config.tpu_config
-        return steps_per_program(tpu_config.inference_steps_per_execution,
-                                 tpu_config.window_steps)
-
-    @property
-    def replays_inference(self) -> bool:
-        """Whether evaluate and predict replay their compiled step (TPUConfig.replay_inference)
-        here: in those modes, on a replica that can."""
-        return (self.mode != ModeKeys.TRAIN and self.config.tpu_config.replay_inference
-                and self.replica.replays_programs)
-
-    @property
-    def agrees_each_step(self) -> bool:
-        """Whether processes must agree before every step: when a time budget, or per-replica
-        input whose streams may end at different steps, could make their windows differ."""
-        timed = self.config.tpu_config.window_seconds is not None
-        return self.replica.topology.num_processes > 1 and (timed or not self.per_host_input)
+        """Runs one step's body as one device program (the plan's recompilation guard)."""
+        return self.replica.step_runner(self.mode, self.plan.max_graphs)

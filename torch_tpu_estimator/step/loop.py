@@ -17,7 +17,7 @@ from typing import Any
 
 from ..api.hooks import Hook, RunContext, Window, require_hooks
 from ..api.spec import ModeKeys
-from ..input.pipeline import HostBatch
+from ..input.batches import HostBatch
 from ..runtime.base import Progress, Replica
 from .context import ModeContext
 from .preemption import TerminationRequest
@@ -81,18 +81,18 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
              interrupt: TerminationRequest | None = None) -> Iterator[Any]:
     """Runs `program` window by window and yields what each window end gives. Returns (as the
     generator's value) whether SIGTERM, on any process, ended the run."""
-    ctx, context = program.ctx, program.context
+    ctx, run_context = program.ctx, program.context
     replica = ctx.replica
     counters = replica.device_counters()
     hooks = list(hooks)
     for hook in hooks:
-        hook.begin(context)
+        hook.begin(run_context)
     run_group = program.group_runner(ctx.step_runner())
     preempted, adopted = False, False
     try:
         while True:
             outputs, batches = [], []
-            for group in groups(windows.window(program.steps_left()), ctx.steps_per_program):
+            for group in groups(windows.window(program.steps_left()), ctx.plan.steps_per_program):
                 replica.heartbeat(Progress.MODEL_FN, program.steps_done + 1)
                 outputs.extend(run_group(group))
                 batches.extend(group)
@@ -101,18 +101,18 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
                 if not adopted and program.spec_hooks is not None:
                     adopted = True
                     for hook in program.spec_hooks:
-                        hook.begin(context)
+                        hook.begin(run_context)
                     hooks.extend(program.spec_hooks)
             replica.heartbeat(Progress.HOST, program.steps_done + 1)
             if outputs:
                 window, result = program.window_end(outputs, batches, windows.seconds())
                 for hook in hooks:
-                    hook.after_window(context, window)
+                    hook.after_window(run_context, window)
                 program.after_hooks(window, hooks)
                 if result is not None:
                     yield result
             stops = replica.host_gather((windows.exhausted or program.steps_left() <= 0
-                                         or context.stop_requested,
+                                         or run_context.stop_requested,
                                          interrupt is not None and interrupt.requested))
             preempted = any(signalled for _, signalled in stops)
             if preempted or any(stop for stop, _ in stops):
@@ -121,7 +121,7 @@ def run_loop(program: ModeProgram, windows: WindowedBatches, hooks: Sequence[Hoo
         windows.close()
     program.finish(hooks, preempted)
     for hook in hooks:
-        hook.end(context)
+        hook.end(run_context)
     log_device_report(replica, ctx.mode, counters)
     return preempted
 

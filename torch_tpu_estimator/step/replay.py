@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from ..input.pipeline import HostBatch
+from ..input.batches import HostBatch
 from ..runtime import xla_compat
 from .loop import StepRunner
 

@@ -69,6 +69,9 @@ class UpdateStep:
         self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
         self.global_step = 0  # the step being run, counted from 1
         self.took_charge = False  # whether model_fn ran an update in this step
+        # this step's training scalars by name, device tensors read back at the window's end
+        # and written to TensorBoard: a new one is one line where it is computed
+        self.scalars: dict[str, torch.Tensor] = {}
         self._applying: str | None = None  # the optimizer the built-in update is stepping
         self._reduced: set[str] = set()  # optimizers whose gradients are averaged, not yet used
         self._stepped_directly: set[str] = set()  # optimizers model_fn stepped itself
@@ -152,6 +155,8 @@ class UpdateStep:
         norm = None
         if self.config.clip_global_norm is not None:
             norm = self.clip_grad_norm(self.config.clip_global_norm, name)
+            self.scalars["gradient_norm" + (f"/{name}" if len(self.optimizers) > 1 else "")] = \
+                norm.detach()
         self._applying = name
         try:
             self._steppers[name]()
@@ -190,7 +195,7 @@ class UpdateStep:
         """One training step: model_fn on the batch (or on each of its micro-batches), then
         the built-in update unless model_fn ran its own. Returns model_fn's spec, its loss (and
         host_call tensors) joined over micro-batches."""
-        self.global_step, self.took_charge = step, False
+        self.global_step, self.took_charge, self.scalars = step, False, {}
         self._reduced, self._stepped_directly = set(), set()
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)

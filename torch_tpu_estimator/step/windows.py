@@ -11,23 +11,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from ..api.hooks import Hook
-from ..input.pipeline import HostBatch
+from ..input.batches import HostBatch
+from ..runtime.base import Replica
+from .plan import ExecutionPlan
 from .preemption import TerminationRequest
-
-if TYPE_CHECKING:
-    from .context import ModeContext
-
-
-def steps_per_program(setting: int, window_steps: int | None) -> int:
-    """How many steps one program runs: `setting`, or with step-count windows its largest
-    divisor of the window size, so every full window splits into equal groups (one graph)."""
-    if window_steps is None:
-        return setting
-    return max(size for size in range(1, min(setting, window_steps) + 1)
-               if window_steps % size == 0)
 
 
 def groups(batches: Iterator[HostBatch], size: int) -> Iterator[list[HostBatch]]:
@@ -52,24 +41,19 @@ class WindowedBatches:
     """Hands out a run's device batches window by window; remembers when the input ended.
 
     Every process must run the same steps in a window (their collectives pair up). With step
-    count windows over per-host input they do by construction. Otherwise (ModeContext
-    .agrees_each_step) the processes agree before each step, in one host collective, on whether
+    count windows over per-host input they do by construction. Otherwise (ExecutionPlan
+    .agree_each_step) the processes agree before each step, in one host collective, on whether
     any stream has ended and whether the chief's time budget is spent. One batch is read ahead
     for that, and kept for the next window when this one ends first. With one process, SIGTERM
     (`interrupt`) ends the window before the next step; several processes stop together at the
     window's end instead (loop.py). A time budget ends a window only after a whole number (at
-    least one) of groups of `ctx.steps_per_program` steps, so grouped steps compile one graph.
+    least one) of groups of `plan.steps_per_program` steps, so grouped steps compile one graph.
     """
 
-    def __init__(self, batches: Iterator[HostBatch], ctx: ModeContext,
+    def __init__(self, batches: Iterator[HostBatch], plan: ExecutionPlan, replica: Replica,
                  interrupt: TerminationRequest | None = None):
-        self.batches = batches
-        self.group_size = ctx.steps_per_program
-        self.replica = ctx.replica
-        self.agree_each_step = ctx.agrees_each_step
-        self.window_steps = ctx.config.tpu_config.window_steps or math.inf
-        self.window_seconds = ctx.config.tpu_config.window_seconds or math.inf
-        self.interrupt = interrupt if ctx.replica.topology.num_processes == 1 else None
+        self.batches, self.plan, self.replica = batches, plan, replica
+        self.interrupt = interrupt if replica.topology.num_processes == 1 else None
         self.exhausted = False
         self.started = time.perf_counter()
         self._ahead: HostBatch | None = None
@@ -77,17 +61,17 @@ class WindowedBatches:
     def window(self, limit: float = math.inf) -> Iterator[HostBatch]:
         """The next window's batches: at most `limit` and the window size, within its time budget."""
         self.started = time.perf_counter()
-        count, limit = 0, min(limit, self.window_steps)
+        count, limit = 0, min(limit, self.plan.window_steps)
         while count < limit and not self.exhausted:
             if self.interrupt is not None and self.interrupt.requested:
                 return
             if self._ahead is None:
                 self._ahead = next(self.batches, None)
             ended = self._ahead is None
-            time_up = (self.window_seconds < math.inf and self.replica.is_chief
-                       and count > 0 and count % self.group_size == 0
-                       and self.seconds() >= self.window_seconds)
-            if self.agree_each_step:
+            time_up = (self.plan.window_seconds < math.inf and self.replica.is_chief
+                       and count > 0 and count % self.plan.steps_per_program == 0
+                       and self.seconds() >= self.plan.window_seconds)
+            if self.plan.agree_each_step:
                 flags = self.replica.host_gather((ended, time_up))
                 ended, time_up = any(flag[0] for flag in flags), any(flag[1] for flag in flags)
             if ended:
