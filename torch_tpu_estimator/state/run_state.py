@@ -99,7 +99,8 @@ class RunState:
 
     def restore(self, saved: Checkpoint) -> None:
         """Continues the run `saved` holds: weights, update state, step, input, RNGs."""
-        self.load_weights(saved.part("model", layout=self.model_layout()), saved)
+        layout = self.model_layout() if saved.sharded else None
+        self.load_weights(saved.part("model", layout=layout), saved)
         if self.update is not None:
             self.update.restore(saved, self._in_place)
         if self.streams is not None:

@@ -38,13 +38,12 @@ class Checkpoint:
     def load(cls, path: str) -> Checkpoint:
         """Reads and checks the checkpoint at `path` (a ValueError naming it when it is not
         one)."""
-        checkpoint = cls(path, {})
-        checkpoint._tree = _upgraded(storage.read_outline(path), path, checkpoint.sharded_keys)
-        return checkpoint
+        return cls(path, _upgraded(storage.read_outline(path), path,
+                                   lambda: _sharded_keys(path)))
 
     def sharded_keys(self) -> list[str]:
         """The keys of the tensors a sharded checkpoint holds in DCP (none for one file)."""
-        return list(sharded.tensor_specs(self.path)) if self.sharded else []
+        return _sharded_keys(self.path)
 
     @property
     def global_step(self) -> int:
@@ -89,6 +88,10 @@ class Checkpoint:
         return states[process_index] if process_index < len(states) else states[0]
 
 
+def _sharded_keys(path: str) -> list[str]:
+    return list(sharded.tensor_specs(path)) if os.path.isdir(path) else []
+
+
 def _model_of_format_2(model: Any, legacy_keys: Callable[[], list[str]]) -> Any:
     """0.2 wrote a sharded checkpoint's model as one marker, its tensors as "model/<key>"."""
     if model != LEGACY_SHARDED:
@@ -113,6 +116,9 @@ def _upgraded(tree: Any, path: str, legacy_keys: Callable[[], list[str]]) -> dic
     elif version != FORMAT:
         raise ValueError(f"checkpoint {path!r} has format {version!r}; this version of "
                          f"torch_tpu_estimator reads formats 1 to {FORMAT}")
+    missing = [component for component in COMPONENTS if component not in tree]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} lacks its components {missing}")
     if not isinstance(tree.get("model"), dict):
         raise ValueError(f"{path!r} is not a torch_tpu_estimator checkpoint: it holds no "
                          "'model' state dict")

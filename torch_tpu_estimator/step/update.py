@@ -289,11 +289,10 @@ class UpdateStep:
         """Takes this step's state from `saved` (after the module's weights): with `in_place`
         (parameters sharded), a sharded checkpoint's tensors are read into the run's own,
         each device its shards; the optimizers get their state first (primed), to read into."""
-        outline = current_layout(saved.outline("update"), saved.sharded_keys)
-        if outline is None:  # a checkpoint written by evaluate-only code: nothing to take
-            return
+        outline = current_layout(saved.outline("update"), saved.sharded_keys) or {
+            "optimizers": {}, "schedulers": {}, "ema": None}  # none kept: start afresh
         layout = None
-        if in_place:
+        if in_place and saved.sharded:
             from torch_xla.experimental.distributed_checkpoint import prime_optimizer
 
             for optimizer in self.optimizers.values():
