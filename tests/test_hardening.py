@@ -95,6 +95,23 @@ def test_load_exported_refuses_a_symlink_leading_out_of_the_export(export_dir, t
         load_exported(str(crafted))
 
 
+def test_an_export_copied_without_its_empty_folders_serves_and_one_without_functions_is_refused(
+        export_dir, tmp_path):
+    copied = tmp_path / "copied"
+    shutil.copytree(export_dir, copied)
+    for folder in (copied / "stablehlo" / "constants", copied / "stablehlo" / "data"):
+        if folder.is_dir() and not os.listdir(folder):
+            folder.rmdir()  # as git or an object store would drop it
+    features = torch.randn(2, 8)
+    served, original = load_exported(str(copied))(features), load_exported(export_dir)(features)
+    assert served.keys() == original.keys()
+    assert all(torch.equal(served[key], original[key]) for key in served)
+
+    shutil.rmtree(copied / "stablehlo" / "functions")
+    with pytest.raises(ValueError, match=r"no exported function \(functions/\*\.meta\)"):
+        load_exported(str(copied))
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("batch_sizes", ["../../etc/passwd"], "batch size '../../etc/passwd' is not a positive int"),
     ("batch_sizes", [-1], "batch size -1 is not a positive int"),

@@ -49,8 +49,7 @@ def describe_export(export_dir: str) -> list[str]:
     if signature.assets_extra:
         lines += ["assets.extra:", *(f"  {name}" for name in signature.assets_extra)]
     data_dir = os.path.join(export_dir, STABLEHLO_DIR, DATA_DIR)
-    files = regular_files(data_dir) if os.path.isdir(data_dir) else []
-    variables = [(name, *read_array_header(path)) for name, path in files]
+    variables = [(name, *read_array_header(path)) for name, path in regular_files(data_dir)]
     lines.append(f"variables ({len(variables)}):")
     return lines + _variable_lines(variables)
 

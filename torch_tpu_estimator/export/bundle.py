@@ -26,7 +26,10 @@ DATA_DIR, CONSTANTS_DIR, FUNCTIONS_DIR = "data", "constants", "functions"
 
 def regular_files(directory: str) -> Iterator[tuple[str, str]]:
     """(name, path) of each file in `directory`, sorted; anything but a regular file (a
-    symlink, a folder, a device) is a ValueError naming it."""
+    symlink, a folder, a device) is a ValueError naming it. A missing folder holds nothing:
+    git and object stores keep no empty folders, so an export copied through them lacks them."""
+    if not os.path.lexists(directory):
+        return
     for entry in sorted(os.scandir(directory), key=lambda entry: entry.name):
         if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
             raise ValueError(f"{entry.path} is not a regular file: an export holds plain files "
@@ -60,10 +63,8 @@ def load_bundle(directory: str) -> stablehlo.StableHLOModelBundle:
     """The bundle torch_xla wrote to `directory` (StableHLOGraphModule.save), read safely."""
     from torch_xla import stablehlo
 
-    state_dict = {}
-    data_dir = os.path.join(directory, DATA_DIR)
-    if os.path.isdir(data_dir):
-        state_dict = {name: load_array(path) for name, path in regular_files(data_dir)}
+    state_dict = {name: load_array(path)
+                  for name, path in regular_files(os.path.join(directory, DATA_DIR))}
     constants = []
     for name, path in regular_files(os.path.join(directory, CONSTANTS_DIR)):
         if not is_number_name(name):
@@ -81,6 +82,8 @@ def load_bundle(directory: str) -> stablehlo.StableHLOModelBundle:
         elif extension == ".mlir":
             with open(path) as handle:
                 texts[stem] = handle.read()
+    if not metas:
+        raise ValueError(f"{directory}: no exported function (functions/*.meta) was found")
     functions = []
     for meta in metas:
         if not isinstance(meta, stablehlo.StableHLOFunctionMeta) or meta.name not in bytecodes:
