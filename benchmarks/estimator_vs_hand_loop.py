@@ -2,9 +2,10 @@
 
 Each mode does the same work on the same model, data, batch size and device with every side:
 
-- `estimator`: TPUEstimator (windows of 100 steps; evaluate and predict run 10 steps per XLA
-  program, TPUConfig.inference_steps_per_execution=10, replayed without tracing after the first
-  two groups, TPUConfig.replay_inference=True; the train run writes its final checkpoint).
+- `estimator`: TPUEstimator (windows of 100 steps; training replays its compiled step after
+  the first traced ones, TPUConfig.replay_training=True; evaluate and predict run 10 steps per
+  XLA program, TPUConfig.inference_steps_per_execution=10, replayed without tracing after the
+  first two groups, TPUConfig.replay_inference=True; the train run writes its final checkpoint).
 - `hand`: the loop the torch_xla docs recommend: a DataLoader collating rows -> MpDeviceLoader,
   xm.optimizer_step, no per-step `.item()` (each step's outputs stay on the device and come
   back in one transfer at the end).
@@ -14,25 +15,27 @@ Each mode does the same work on the same model, data, batch size and device with
   the `bench` extra), fit / validate / predict.
 - `estimator_accum4` (train only): TPUEstimator with UpdateConfig(accumulation_steps=4), the
   same global batch in 4 micro-batches inside one step: the cost of accumulation.
-- `estimator_traced` (eval and predict only): the same 10 steps per program, traced at every
-  group (replay_inference=False): what replay gains.
+- `estimator_traced`: every step traced (replay_training=False; in evaluate and predict the
+  same 10 steps per program, replay_inference=False): what replay gains.
 - `estimator_1step` (eval and predict only): TPUEstimator's defaults, one traced step per
   program: what grouping and replay gain together.
 
 Models: an MLP (64-256-256-10 on 64 features) and a small CNN (two 3x3 conv + ReLU + 2x2
 max-pool layers, then a linear layer, on 3x16x16 images); random data, 10 classes, batch 64,
-Adam. Modes: train (`--steps` steps from a fresh model), evaluate (loss and accuracy over every
+Adam (lr 1e-3), or with `--optimizer sgd` SGD with momentum 0.9 (lr 0.01), on every side.
+Modes: train (`--steps` steps from a fresh model), evaluate (loss and accuracy over every
 example, exactly, from a checkpoint), predict (the class of every example, in order).
 
 Every run is a fresh process that warms up (compiles) and then times one steady-state run; the
 sides alternate, round after round, and the summary gives each side's median rate with min-max
 over `--repeats` rounds, the estimator's ratio to each other side (median of the per-round
-ratios, >1 = the estimator is faster), the compilations of the warm-up and the device-to-host
-transfers of the timed run (the timed runs compile nothing).
+ratios, >1 = the estimator is faster), the compilations of the warm-up, the device-to-host
+transfers of the timed run (the timed runs compile nothing) and, in training, the wall time of
+a step over the device's own time for it (torch_xla's ExecuteTime: 1.0 = the host keeps up).
 
     PJRT_DEVICE=CPU python benchmarks/estimator_vs_hand_loop.py [--repeats 5] [--steps 500]
         [--eval-examples 20000] [--predict-examples 20000] [--models mlp,cnn]
-        [--modes train,eval,predict]
+        [--modes train,eval,predict] [--optimizer adam|sgd]
         [--sides estimator,hand,hand_indexed,lightning,estimator_accum4,estimator_traced,
                  estimator_1step]
 """
@@ -77,7 +80,9 @@ CHECKPOINT_STEPS = 20
 MODES = ("train", "eval", "predict")
 SIDES = ("estimator", "hand", "hand_indexed", "lightning", "estimator_accum4", "estimator_traced",
          "estimator_1step")
-TRAIN_ONLY, INFERENCE_ONLY = ("estimator_accum4",), ("estimator_traced", "estimator_1step")
+TRAIN_ONLY, INFERENCE_ONLY = ("estimator_accum4",), ("estimator_1step",)
+OPTIMIZERS = ("adam", "sgd")
+OPTIMIZER = "adam"  # set from --optimizer
 STEPS_PER_PROGRAM = 10
 Build = Callable[[], nn.Module]
 
@@ -134,12 +139,20 @@ def restored(build: Build, checkpoint: str) -> nn.Module:
     return model.to(torch_xla.device()).eval()
 
 
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer every side trains with (--optimizer)."""
+    if OPTIMIZER == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
 def hand_train(build: Build, dataset: TensorDataset, steps: int) -> torch.Tensor:
-    """`steps` Adam steps from a new model; returns the per-step losses, read once at the end."""
+    """`steps` optimizer steps from a new model; returns the per-step losses, read once at
+    the end."""
     device = torch_xla.device()
     torch.manual_seed(0)
     model = build().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model)
     sampler = RandomSampler(dataset, num_samples=steps * BATCH)  # reshuffled every pass
     loader = pl.MpDeviceLoader(batch_loader(dataset, sampler), device)
     losses = []
@@ -210,21 +223,21 @@ def make_estimator(build: Build, model_dir: str, accumulation: int = 1,
     `steps_per_program` evaluate and predict steps per XLA program, replayed or not."""
     return TPUEstimator(
         model_fn=model_fn, model_init_fn=lambda params: build(),
-        optimizer_fn=lambda model, params: torch.optim.Adam(model.parameters(), lr=1e-3),
+        optimizer_fn=lambda model, params: make_optimizer(model),
         model_dir=model_dir, train_batch_size=BATCH, eval_batch_size=BATCH,
         predict_batch_size=BATCH,
         config=RunConfig(save_checkpoints_steps=None, log_step_count_steps=None,
                          save_summary_steps=None, tpu_config=TPUConfig(
                              iterations_per_loop=100,
                              inference_steps_per_execution=steps_per_program,
-                             replay_inference=replay),
+                             replay_inference=replay, replay_training=replay),
                          update_config=UpdateConfig(accumulation_steps=accumulation)))
 
 
 def estimator_train(build: Build, dataset: TensorDataset, steps: int, scratch: str,
-                    accumulation: int = 1) -> None:
+                    accumulation: int = 1, replay: bool = True) -> None:
     """`steps` steps of TPUEstimator.train in a new model_dir, final checkpoint included."""
-    make_estimator(build, tempfile.mkdtemp(dir=scratch), accumulation).train(
+    make_estimator(build, tempfile.mkdtemp(dir=scratch), accumulation, replay=replay).train(
         lambda params: dataset, steps=steps)
 
 
@@ -267,7 +280,7 @@ def lightning_side(build: Build, mode: str, dataset: TensorDataset, steps: int,
             return self.model(batch[0]).argmax(1)
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
+            return make_optimizer(self)
 
     def trainer() -> L.Trainer:
         return L.Trainer(accelerator="tpu", devices=1, max_steps=steps, logger=False,
@@ -309,7 +322,8 @@ def side_work(side: str, model: str, mode: str, args: argparse.Namespace, scratc
         return work, amount
     if mode == "train":
         accumulation = 4 if side == "estimator_accum4" else 1
-        return lambda: estimator_train(build, dataset, args.steps, scratch, accumulation), amount
+        return lambda: estimator_train(build, dataset, args.steps, scratch, accumulation,
+                                       replay=side != "estimator_traced"), amount
     estimator = make_estimator(build, os.path.dirname(checkpoint),
                                steps_per_program=1 if side == "estimator_1step" else
                                STEPS_PER_PROGRAM, replay=side == "estimator")
@@ -331,15 +345,44 @@ def one_run(side: str, model: str, mode: str, args: argparse.Namespace) -> dict:
         work()
         xm.wait_device_ops()
         seconds = time.perf_counter() - started
+        timed_compiles = count("CompileTime") - compiles
+        transfers = count("TransferFromDeviceTime") - transfers
+    busy = None
+    if mode == "train":
+        build, shape = MODELS[model]
+        busy = seconds / amount / device_seconds_per_step(build, make_dataset(shape, BATCH, 0))
     return {"rate": amount / seconds, "warmup_compiles": warmup_compiles,
-            "timed_compiles": count("CompileTime") - compiles,
-            "transfers": count("TransferFromDeviceTime") - transfers}
+            "timed_compiles": timed_compiles, "transfers": transfers, "wall_over_device": busy}
+
+
+def device_seconds_per_step(build: Build, dataset: TensorDataset, steps: int = 50) -> float:
+    """The device's own time for one training step (torch_xla's ExecuteTime), each step run
+    alone (the host waits for it), so that no queueing behind another step is counted."""
+    device = torch_xla.device()
+    model = build().to(device)
+    optimizer = make_optimizer(model)
+    features, labels = (tensor.to(device) for tensor in dataset.tensors)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(features), labels).backward()
+        optimizer.step()
+        torch_xla.sync()
+        xm.wait_device_ops()
+
+    for _ in range(3):
+        step()
+    before = met.metric_data("ExecuteTime")[1]
+    for _ in range(steps):
+        step()
+    return (met.metric_data("ExecuteTime")[1] - before) / 1e9 / steps
 
 
 def fresh(args: argparse.Namespace, *options: str) -> dict:
     """Runs this script with `options` in a new interpreter; returns the JSON it prints."""
     command = [sys.executable, os.path.abspath(__file__), *options,
-               "--steps", str(args.steps), "--eval-examples", str(args.eval_examples),
+               "--optimizer", args.optimizer, "--steps", str(args.steps),
+               "--eval-examples", str(args.eval_examples),
                "--predict-examples", str(args.predict_examples)]
     done = subprocess.run(command, env=dict(os.environ, PJRT_DEVICE="CPU"),
                           capture_output=True, text=True, timeout=3600)
@@ -383,9 +426,12 @@ def benchmark(args: argparse.Namespace, sides: list[str]) -> list[str]:
                     ratios = [estimator["rate"] / run["rate"] for estimator, run in
                               zip(runs["estimator"], runs[side], strict=True)]
                     last = runs[side][-1]
+                    busy = [run["wall_over_device"] for run in runs[side]
+                            if run["wall_over_device"]]
                     rows.append(f"| {model} | {mode} | {side} | {summary(rates)} {unit} | "
                                 f"{summary(ratios) if side != 'estimator' else ''} | "
-                                f"{last['warmup_compiles']} | {last['transfers']} |")
+                                f"{last['warmup_compiles']} | {last['transfers']} | "
+                                f"{summary(busy) if busy and mode == 'train' else ''} |")
     return rows
 
 
@@ -418,12 +464,15 @@ def main() -> None:
                         default=list(MODELS))
     parser.add_argument("--modes", type=lambda text: names(text, MODES), default=list(MODES))
     parser.add_argument("--sides", type=lambda text: names(text, SIDES), default=list(SIDES))
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     parser.add_argument("--one", nargs=3, metavar=("SIDE", "MODEL", "MODE"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--prepare", nargs=2, metavar=("MODEL", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     if args.one:
         print(json.dumps(one_run(*args.one, args)))
         return
@@ -435,12 +484,14 @@ def main() -> None:
     if "estimator" not in sides:
         sides.insert(0, "estimator")
     print(f"device {xm.xla_device_hw(torch_xla.device())}, batch {BATCH}, {args.steps} train "
-          f"steps, {args.eval_examples} eval and {args.predict_examples} predict examples, "
+          f"steps ({args.optimizer}), {args.eval_examples} eval and {args.predict_examples} "
+          "predict examples, "
           f"{args.repeats} rounds of fresh processes, sides {', '.join(sides)}")
     rows = benchmark(args, sides)
     print("\n| model | mode | side | rate, median (min-max) | estimator / side, median "
-          "(min-max) | compiles in warm-up | transfers per timed run |")
-    print("|---|---|---|---:|---:|---:|---:|")
+          "(min-max) | compiles in warm-up | transfers per timed run | train: wall / device "
+          "time |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

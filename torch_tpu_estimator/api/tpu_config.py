@@ -112,6 +112,14 @@ class TPUConfig:
       why and traces every step. Results are the same bit for bit; model_fn's Python code runs
       for the traced groups only. Off by default: it relies on torch_xla internals
       (xla_compat.py), and a model_fn with Python side effects would see fewer calls.
+    replay_training: XLA only. Training traces its first steps, each run by the program it
+      compiled, then replays that program on every later step of the same kind, with no
+      tracing, as TF's device loop runs the step it built (step/train_replay.py). The batch,
+      the optimizer's per-step numbers (learning rates, bias corrections), the RNG seed and
+      the carried tensors (parameters, buffers, optimizer state, EMA) are the program's inputs.
+      Covers the built-in update with torch's SGD, Adam and AdamW; otherwise (model_fn in
+      charge of the update, a host read, a value that changes unseen) it logs why and traces
+      every step. model_fn's Python code runs for the traced steps only.
     """
 
     iterations_per_loop: int | str = 2
@@ -126,6 +134,7 @@ class TPUConfig:
     precision: str = "fp32"
     inference_steps_per_execution: int = 1
     replay_inference: bool = False
+    replay_training: bool = False
     tpu_job_name: dataclasses.InitVar[str | None] = None
     initial_infeed_sleep_secs: dataclasses.InitVar[float | None] = None
     eval_training_input_configuration: dataclasses.InitVar[object] = None
@@ -159,8 +168,9 @@ class TPUConfig:
         require_positive_int("num_cores_per_replica", self.num_cores_per_replica)
         require_positive_int("inference_steps_per_execution",
                              self.inference_steps_per_execution, optional=False)
-        require(isinstance(self.replay_inference, bool),
-                 f"replay_inference must be a bool, got {self.replay_inference!r}")
+        for name in ("replay_inference", "replay_training"):
+            require(isinstance(getattr(self, name), bool),
+                     f"{name} must be a bool, got {getattr(self, name)!r}")
         spmd_only = self.param_sharding != "replicated" or (self.num_cores_per_replica or 1) > 1
         require(not spmd_only or self.strategy == "spmd",
                  "param_sharding and num_cores_per_replica lay parameters over an SPMD mesh: "

@@ -36,8 +36,9 @@ from ..state.warm_start import warm_start
 from ..step.building import build_run_state
 from ..step.context import ModeContext
 from ..step.gather import real_examples
-from ..step.loop import ModeProgram, run_to_end
+from ..step.loop import ModeProgram, StepRunner, run_to_end
 from ..step.preemption import TerminationRequest
+from ..step.train_replay import ReplayedTraining, replayed_host_step
 from ..step.windows import WindowedBatches, steps_to_next_stop
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -120,6 +121,11 @@ class TrainProgram(ModeProgram):
                                   [*self.hooks, *(self.spec_hooks or ())])
 
     def step(self, batch: HostBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        return self.finish_step(batch, self.traced_step(batch))
+
+    def traced_step(self, batch: HostBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        """model_fn and the update on `batch`, traced: the loss, the update's scalars and
+        host_call's tensors (every step: finish_step keeps those due), still on the device."""
         update = self.state.update
         self.learning_rates.append(update.learning_rates())
         spec = update.run(
@@ -127,12 +133,36 @@ class TrainProgram(ModeProgram):
                 self.state.model, features, labels, params, update),
             batch.features, batch.labels, self.params, self.state.global_step + 1)
         self.note_spec_hooks(spec)
-        self.state.advance(batch)
         host_call = None
-        if spec.host_call is not None and self.state.global_step % self.host_call_every == 0:
+        if spec.host_call is not None:
             self.host_call_fn, tensors = spec.host_call
             host_call = map_tensors(torch.Tensor.detach, tensors)
         return spec.loss.detach(), update.scalars, host_call
+
+    def replayed_host_part(self) -> list[torch.Tensor]:
+        """What a replayed step does on the host before it runs; returns the update's numbers."""
+        self.learning_rates.append(self.state.update.learning_rates())
+        self.state.update.global_step = self.state.global_step + 1
+        return replayed_host_step(self.state.update)
+
+    def finish_step(self, batch: HostBatch, outputs: tuple) -> tuple:
+        """After a step, traced or replayed: the global step advances; host_call's tensors are
+        kept on every n-th step (TPUConfig.experimental_host_call_every_n_steps)."""
+        self.state.advance(batch)
+        loss, scalars, host_call = outputs
+        if self.state.global_step % self.host_call_every != 0:
+            host_call = None
+        return loss, scalars, host_call
+
+    def group_runner(self, run_step: StepRunner) -> Callable[[list[HostBatch]], list[Any]]:
+        """Traced steps, or replayed ones where TPUConfig.replay_training asks for it."""
+        if not self.ctx.plan.replay_training:
+            if self.ctx.config.tpu_config.replay_training:
+                logger.info("replay_training has no effect on %s: every step is traced",
+                            type(self.ctx.replica).__name__)
+            return super().group_runner(run_step)
+        return ReplayedTraining(self, self.state.update, self.state.model, run_step,
+                                self.ctx.replica.readable)
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, None]:

@@ -142,6 +142,33 @@ def graph_inputs(outputs: list[torch.Tensor]) -> tuple[list[int], list[torch.Ten
     return list(ids), list(values)
 
 
+def data_handles(tensors: list[torch.Tensor]) -> list[int]:
+    """The device buffer each XLA tensor (not pending) holds, as an opaque handle: a graph that
+    reads the tensor reads the same buffer (graph_inputs' values), whatever ids say (on an SPMD
+    mesh a graph names a tensor's data by an id of its own). Waits for the device first: a
+    buffer still being computed has no handle yet."""
+    xm.wait_device_ops()
+    return list(torch_xla._XLAC._get_tensors_handle(tensors))
+
+
+def assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Makes `value`'s device data `tensor`'s, with no pending operation: the tensor object
+    stays (modules and optimizers hold it), and its views (functionalization's) follow it."""
+    torch._functionalize_replace(tensor, torch._from_functional_tensor(value))
+    torch._functionalize_commit_update(tensor)
+
+
+def rng_seed_tensor(device: torch.device) -> torch.Tensor:
+    """The device RNG seed a graph traced now would read, as a device tensor."""
+    return torch_xla._XLAC._get_base_seed_as_tensor(str(device))
+
+
+def next_rng_seed(seed: int) -> int:
+    """The device RNG seed after a graph cut (mark_step) from `seed`: torch's lazy graph
+    executor's formula, which torch_xla's dynamo bridge repeats."""
+    return (1012031 + seed * 7012063) % 2**64
+
+
 def rng_seed_id() -> int:
     """The tensor id of the device RNG seed when a graph reads it (random draws)."""
     return torch_xla._XLAC._get_seed_info_id()

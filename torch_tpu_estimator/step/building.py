@@ -54,5 +54,5 @@ def build_run_state(ctx: ModeContext, streams: InputStreams | None = None,
         optimizers, schedulers = split_optimizer_fn_result(
             ctx.job.optimizer_fn(unwrap(model), dict(params)))
         update = UpdateStep(ctx.replica, unwrap(model), optimizers, schedulers,
-                            ctx.config.update_config)
+                            ctx.config.update_config, replay=ctx.plan.replay_training)
     return RunState(ctx.replica, model, rng, update, streams)

@@ -27,7 +27,8 @@ class ExecutionPlan:
     """window_steps / window_seconds: a window's size or time budget (math.inf when unset).
     steps_per_program: steps traced into one device program (1 in training; in evaluate and
     predict TPUConfig.inference_steps_per_execution fitted to the window). replay: evaluate and
-    predict replay their compiled program (TPUConfig.replay_inference, where the replica can).
+    predict replay their compiled program (TPUConfig.replay_inference, where the replica can);
+    replay_training: training does (TPUConfig.replay_training).
     agree_each_step: processes agree before every step, when a time budget or per-replica input
     whose streams may end apart could make their windows differ. max_graphs: the most step
     graphs the mode may trace (TPUConfig.max_graphs_per_mode), or None."""
@@ -36,6 +37,7 @@ class ExecutionPlan:
     window_seconds: float
     steps_per_program: int
     replay: bool
+    replay_training: bool
     agree_each_step: bool
     max_graphs: int | None
 
@@ -50,6 +52,7 @@ class ExecutionPlan:
             steps_per_program=steps_per_program(tpu_config.inference_steps_per_execution, steps)
             if inference else 1,
             replay=inference and tpu_config.replay_inference and replays_programs,
+            replay_training=not inference and tpu_config.replay_training and replays_programs,
             agree_each_step=topology.num_processes > 1 and (seconds is not None
                                                             or not per_host_input),
             max_graphs=tpu_config.max_graphs(mode))

@@ -82,7 +82,7 @@ class GroupPlan:
     results: int  # how many tensors the graph computes
 
     def fits(self, spec: TreeSpec, batch: Sequence[torch.Tensor]) -> bool:
-        return spec == self.batch_spec and _shapes(batch) == self.batch_shapes
+        return spec == self.batch_spec and shapes(batch) == self.batch_shapes
 
     def run(self, batch: Sequence[torch.Tensor]) -> Any:
         results = xla_compat.run_compiled(self.graph_hash,
@@ -114,11 +114,11 @@ def _state(model: torch.nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def _shapes(tensors: Sequence[torch.Tensor]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+def shapes(tensors: Sequence[torch.Tensor]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
     return tuple((tuple(tensor.shape), tensor.dtype) for tensor in tensors)
 
 
-def _batch_tensors(group: Sequence[HostBatch]) -> tuple[list[torch.Tensor], TreeSpec]:
+def batch_tensors(group: Sequence[HostBatch]) -> tuple[list[torch.Tensor], TreeSpec]:
     leaves, spec = tree_flatten([(batch.features, batch.labels) for batch in group])
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     if len(tensors) != sum(leaf is not None for leaf in leaves):
@@ -147,7 +147,7 @@ class ReplayedGroups:
     def __call__(self, group: Group) -> list[Any]:
         if not self.declined:
             try:
-                tensors, spec = _batch_tensors(group)
+                tensors, spec = batch_tensors(group)
                 plans = self.plans.get(len(group), [])
                 if len(plans) < TRACED_GROUPS:
                     return self.run_step(lambda: self._trace_and_compile(group, tensors, spec))
@@ -219,7 +219,7 @@ class ReplayedGroups:
         inputs = tuple(Source(batch_position=batch_ids[tensor_id]) if tensor_id in batch_ids
                        else Source(fixed=value, fixed_id=tensor_id)
                        for tensor_id, value in zip(ids, values, strict=True))
-        plan = GroupPlan("", spec, _shapes(tensors), inputs, output_spec, tuple(placed),
+        plan = GroupPlan("", spec, shapes(tensors), inputs, output_spec, tuple(placed),
                         len(computed))
         return plan, computed
 

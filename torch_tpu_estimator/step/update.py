@@ -18,13 +18,11 @@ TF's pattern, every network's gradients from one forward pass, then every update
 
         update.minimize({"discriminator": d_loss, "generator": g_loss})
 
-or, below that, `update.backward(loss, name)` (the gradients of `loss` for that optimizer's
-parameters alone), `update.apply(name)`, `update.reduce_gradients(name)`,
-`update.clip_grad_norm(max_norm, name)` and the optimizers themselves (`update.optimizers`).
-An optimizer's own `step()` called in model_fn also puts model_fn in charge: its gradients are
-averaged over replicas just before (unless model_fn already called reduce_gradients), and its LR
-scheduler is stepped after model_fn unless model_fn stepped it. Whatever the update keeps
-(optimizers, schedulers, EMA) is in the checkpoint and resumes bit for bit.
+or, below that, `update.backward(loss, name)` (for that optimizer's parameters alone),
+`apply(name)`, `reduce_gradients(name)`, `clip_grad_norm(max_norm, name)` and `optimizers`.
+An optimizer's own `step()` in model_fn also puts model_fn in charge: its gradients are averaged
+over replicas first (unless model_fn did), its LR scheduler stepped after (unless model_fn did).
+What the update keeps (optimizers, schedulers, EMA) is checkpointed and resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ from ..state.storage import marker
 from .ema import ExponentialMovingAverage
 from .flat_update import optimizer_steppers
 from .micro_batches import joined, micro_batch
+from .replayable_optimizers import replayable_steppers
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -58,19 +57,22 @@ class UpdateStep:
 
     def __init__(self, replica: Replica, model: torch.nn.Module,
                  optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
-                 config: UpdateConfig):
+                 config: UpdateConfig, replay: bool = False):
         self.replica, self.config = replica, config
         self.optimizers, self.schedulers = optimizers, schedulers
-        self._steppers = optimizer_steppers(
+        replayable = replayable_steppers(optimizers) if replay else "replay is off"
+        self.replay_refusal = replayable if isinstance(replayable, str) else None  # or why not
+        # each optimizer's step: replayable, flat or torch's own
+        self.steppers = replayable if self.replay_refusal is None else optimizer_steppers(
             optimizers, config.flat_optimizer and not replica.shards_parameters)
         for name, optimizer in optimizers.items():
             optimizer.register_step_pre_hook(
                 lambda optimizer, args, kwargs, name=name: self._stepped_by_model_fn(name))
         self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
         self.global_step = 0  # the step being run, counted from 1
-        self.took_charge = False  # whether model_fn ran an update in this step
-        # this step's training scalars by name, device tensors read back at the window's end
-        # and written to TensorBoard: a new one is one line where it is computed
+        self.took_charge = False  # whether an update (model_fn's or built in) ran in this step
+        self.by_model_fn = False  # whether model_fn ran this step's update itself
+        # this step's training scalars by name, read back at the window's end (TensorBoard)
         self.scalars: dict[str, torch.Tensor] = {}
         self._applying: str | None = None  # the optimizer the built-in update is stepping
         self._reduced: set[str] = set()  # optimizers whose gradients are averaged, not yet used
@@ -159,7 +161,7 @@ class UpdateStep:
                 norm.detach()
         self._applying = name
         try:
-            self._steppers[name]()
+            self.steppers[name]()
         finally:
             self._applying = None
             self._reduced.discard(name)
@@ -192,10 +194,9 @@ class UpdateStep:
 
     def run(self, call_model_fn: Callable[[Any, Any, dict, UpdateStep | None], Any],
             features: Any, labels: Any, params: dict, step: int) -> Any:
-        """One training step: model_fn on the batch (or on each of its micro-batches), then
-        the built-in update unless model_fn ran its own. Returns model_fn's spec, its loss (and
-        host_call tensors) joined over micro-batches."""
-        self.global_step, self.took_charge, self.scalars = step, False, {}
+        """One training step: model_fn on the batch (or each micro-batch), then the built-in
+        update unless model_fn ran its own. Returns model_fn's spec (joined micro-batches)."""
+        self.global_step, self.took_charge, self.scalars, self.by_model_fn = step, False, {}, False
         self._reduced, self._stepped_directly = set(), set()
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -204,7 +205,8 @@ class UpdateStep:
             epochs = {name: scheduler.last_epoch for name, scheduler in self.schedulers.items()
                       if scheduler is not None}
             spec = call_model_fn(features, labels, params, self)
-            if not self.took_charge:
+            self.by_model_fn = self.took_charge
+            if not self.by_model_fn:
                 self._require_one_optimizer()
                 self.backward(spec.loss)
                 self.apply()
@@ -249,9 +251,8 @@ class UpdateStep:
         if len(self.optimizers) > 1:
             raise ValueError(
                 f"optimizer_fn gave several optimizers ({sorted(self.optimizers)}): model_fn must "
-                "run the update itself, taking an argument named `update` and calling "
-                "update.step(loss, name) for each (the built-in update, and gradient "
-                "accumulation, drive one optimizer)")
+                "run the update itself, taking an argument named `update` and calling update.step("
+                "loss, name) for each (the built-in update and accumulation drive one optimizer)")
 
     def learning_rates(self) -> dict[str, float]:
         """Every parameter group's learning rate before this step, as "<optimizer>/<group>"
