@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from torch_tpu_estimator import DatasetConfig, Hook
 
 LAYOUTS = {"xla": {}, "spmd4": {"strategy": "spmd"}, "torch": {"use_tpu": False},
-           "gloo2": {"use_tpu": False, "num_shards": 2}}
+           "gloo2": {"use_tpu": False, "num_shards": 2},
+           "xla_replay": {"tpu_config_extra": {"replay_training": True}}}
 
 
 class Augmented(Dataset):

@@ -1,7 +1,8 @@
 """Exact resume when the input draws random numbers on the host: input_fn's noise, a random
 augmentation per example in the Dataset (torch, Python and NumPy draws) and dropout. A run
 SIGKILLed at random moments and restarted each time ends bit for bit like one never
-interrupted, on one XLA device and a 4-device SPMD mesh here, on plain PyTorch and 2 gloo
+interrupted, on one XLA device (traced, and replayed: TPUConfig(replay_training)) and a
+4-device SPMD mesh here, on plain PyTorch and 2 gloo
 replicas in test_random_input_resume_torch.py (random_input_job.py is the job; two files, so that
 two test workers share the work)."""
 
@@ -78,6 +79,6 @@ def sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout: str) -> None:
     assert not [name for name in os.listdir(model_dir) if name.startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("layout", ["xla", "spmd4"])
+@pytest.mark.parametrize("layout", ["xla", "spmd4", "xla_replay"])
 def test_sigkills_at_random_moments_then_a_restart_end_bit_for_bit_on_xla(tmp_path, layout):
     sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout)

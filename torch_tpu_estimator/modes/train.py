@@ -158,11 +158,13 @@ class TrainProgram(ModeProgram):
         """Traced steps, or replayed ones where TPUConfig.replay_training asks for it."""
         if not self.ctx.plan.replay_training:
             if self.ctx.config.tpu_config.replay_training:
-                logger.info("replay_training has no effect on %s: every step is traced",
-                            type(self.ctx.replica).__name__)
+                logger.info("replay_training: every training step is traced, because %s with %d "
+                            "process(es) does not replay (one process on XLA does: one device "
+                            "or an SPMD mesh)", type(self.ctx.replica).__name__,
+                            self.ctx.replica.topology.num_processes)
             return super().group_runner(run_step)
         return ReplayedTraining(self, self.state.update, self.state.model, run_step,
-                                self.ctx.replica.readable)
+                                self.ctx.replica.readable, self.ctx.plan.max_graphs)
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, None]:

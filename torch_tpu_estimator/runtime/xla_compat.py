@@ -3,7 +3,9 @@
 The estimator relies on a few torch_xla internals that have no public equivalent in 2.9: reading
 an exporter's HLO as it lowers, running an HLO computation inside the lazy graph, converting
 device trees to CPU in one transfer, compiling a traced graph and running it again on new
-inputs, and telling what read the device while a step was traced (replay.py). Each is wrapped
+inputs, telling what read the device while a step was traced (replay.py), and, to replay
+training (train_replay.py), matching a graph's inputs to tensors by buffer, giving a tensor a
+program's result in place, and the device RNG seed. Each is wrapped
 here, so that a new torch_xla release is checked and followed in this file only.
 """
 

@@ -28,7 +28,9 @@ class ExecutionPlan:
     steps_per_program: steps traced into one device program (1 in training; in evaluate and
     predict TPUConfig.inference_steps_per_execution fitted to the window). replay: evaluate and
     predict replay their compiled program (TPUConfig.replay_inference, where the replica can);
-    replay_training: training does (TPUConfig.replay_training).
+    replay_training: training does (TPUConfig.replay_training), where one process drives XLA
+    (one device or an SPMD mesh: collectives between processes in a replayed program are not
+    tested on this project's CPU machines).
     agree_each_step: processes agree before every step, when a time budget or per-replica input
     whose streams may end apart could make their windows differ. max_graphs: the most step
     graphs the mode may trace (TPUConfig.max_graphs_per_mode), or None."""
@@ -52,7 +54,8 @@ class ExecutionPlan:
             steps_per_program=steps_per_program(tpu_config.inference_steps_per_execution, steps)
             if inference else 1,
             replay=inference and tpu_config.replay_inference and replays_programs,
-            replay_training=not inference and tpu_config.replay_training and replays_programs,
+            replay_training=not inference and tpu_config.replay_training and replays_programs
+            and topology.num_processes == 1,
             agree_each_step=topology.num_processes > 1 and (seconds is not None
                                                             or not per_host_input),
             max_graphs=tpu_config.max_graphs(mode))

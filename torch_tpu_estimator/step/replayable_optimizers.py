@@ -58,11 +58,13 @@ class ReplayableStep:
         self.stepped: list[list[bool]] = []
 
     def structure(self) -> tuple:
-        """The Python branches the step takes: a change is a new program."""
+        """The Python branches the step takes and the options it passes as Python numbers,
+        which torch_xla bakes into the program (weight decay, dampening, eps): a change is a
+        new program."""
         state = self.optimizer.state
         return tuple(
-            (group["weight_decay"] != 0, group.get("momentum", 0) != 0,
-             group.get("dampening", 0) != 0, group.get("nesterov", False),
+            (group["weight_decay"], group.get("dampening"), group.get("eps"),
+             group.get("momentum", 0) != 0, group.get("nesterov", False),
              group.get("decoupled_weight_decay", False),
              tuple("momentum_buffer" in state.get(parameter, {}) or "exp_avg" in
                    state.get(parameter, {}) for parameter in group["params"]))
@@ -79,14 +81,19 @@ class ReplayableStep:
             if self.adam:
                 numbers += self._adam_numbers(group, stepped)
             else:
-                numbers += [group["weight_decay"], group["momentum"], 1 - group["dampening"],
-                            -group["lr"]]
+                numbers += [group["momentum"], -group["lr"]]
         self.sent = torch.tensor(numbers, dtype=torch.float32).to(self.device)
         return self.sent
 
     def _adam_numbers(self, group: dict, stepped: list[bool]) -> list[float]:
+        """The group's decoupled decay and betas, then each stepped parameter's bias
+        corrections from its own step count (counts differ after a frozen stretch)."""
         state = self.optimizer.state
-        step = 0.0
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        decoupled = isinstance(self.optimizer, torch.optim.AdamW) or \
+            group.get("decoupled_weight_decay", False)
+        numbers = [1 - lr * group["weight_decay"] if decoupled else 0.0, 1 - beta1, beta2,
+                   1 - beta2]
         for parameter, has_gradient in zip(group["params"], stepped, strict=True):
             if not has_gradient:
                 continue
@@ -98,67 +105,61 @@ class ReplayableStep:
                                                       memory_format=torch.preserve_format)
             slot["step"] += 1
             step = float(slot["step"])
-        lr, (beta1, beta2) = group["lr"], group["betas"]
-        decoupled = isinstance(self.optimizer, torch.optim.AdamW) or \
-            group.get("decoupled_weight_decay", False)
-        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
-        decay = 1 - lr * group["weight_decay"] if decoupled else group["weight_decay"]
-        return [decay, 1 - beta1, beta2, 1 - beta2, bias_correction2**0.5, group["eps"],
-                -(lr / bias_correction1)]
+            numbers += [(1 - beta2**step)**0.5, -(lr / (1 - beta1**step))]
+        return numbers
 
     @torch.no_grad()
     def __call__(self) -> None:
         numbers = self.host_step(traced=True)
         offset = 0
-        for group in self.optimizer.param_groups:
-            width = 7 if self.adam else 4
+        for group, stepped in zip(self.optimizer.param_groups, self.stepped, strict=True):
+            width = 4 + 2 * sum(stepped) if self.adam else 2
             values = [numbers[offset + index] for index in range(width)]
             offset += width
             (self._adam if self.adam else self._sgd)(group, values)
         self.optimizer._opt_called = True  # as torch's step wrapper records for LR schedulers
 
     def _sgd(self, group: dict, values: list[torch.Tensor]) -> None:
-        """torch's _single_tensor_sgd, the numbers read from `values`."""
-        weight_decay, momentum, one_minus_dampening, negative_lr = values
+        """torch's _single_tensor_sgd, op for op, its learning rate and momentum read from
+        `values`."""
+        momentum, negative_lr = values
         for parameter in group["params"]:
             if parameter.grad is None:
                 continue
             grad = parameter.grad
             if group["weight_decay"] != 0:
-                grad = grad + parameter * weight_decay
+                grad = grad.add(parameter, alpha=group["weight_decay"])
             if group["momentum"] != 0:
                 slot = self.optimizer.state[parameter]
                 buffer = slot.get("momentum_buffer")
                 if buffer is None:
                     slot["momentum_buffer"] = buffer = grad.detach().clone()
                 else:
-                    scaled = grad * one_minus_dampening if group["dampening"] != 0 else grad
-                    buffer.copy_(buffer * momentum + scaled)
-                grad = grad + buffer * momentum if group["nesterov"] else buffer
-            parameter.copy_(parameter + grad * negative_lr)
+                    buffer.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+                grad = grad.add(buffer * momentum) if group["nesterov"] else buffer
+            parameter.add_(grad * negative_lr)
 
     def _adam(self, group: dict, values: list[torch.Tensor]) -> None:
-        """torch's _single_tensor_adam (not capturable), the numbers read from `values`."""
-        decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, \
-            negative_step_size = values
+        """torch's _single_tensor_adam (not capturable), op for op, the numbers that follow the
+        learning rate, the betas and the step counts read from `values`."""
+        decay, one_minus_beta1, beta2, one_minus_beta2 = values[:4]
+        corrections = iter(values[4:])  # two per stepped parameter
         decoupled = isinstance(self.optimizer, torch.optim.AdamW) or \
             group.get("decoupled_weight_decay", False)
         for parameter in group["params"]:
             if parameter.grad is None:
                 continue
+            bias_correction2_sqrt, negative_step_size = next(corrections), next(corrections)
             grad, slot = parameter.grad, self.optimizer.state[parameter]
-            weights = parameter
             if group["weight_decay"] != 0:
                 if decoupled:
-                    weights = parameter * decay
+                    parameter.mul_(decay)
                 else:
-                    grad = grad + parameter * decay
-            exp_avg = torch.lerp(slot["exp_avg"], grad, one_minus_beta1)
-            exp_avg_sq = slot["exp_avg_sq"] * beta2 + (grad * grad) * one_minus_beta2
-            denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
-            slot["exp_avg"].copy_(exp_avg)
-            slot["exp_avg_sq"].copy_(exp_avg_sq)
-            parameter.copy_(weights + (exp_avg / denom) * negative_step_size)
+                    grad = grad.add(parameter, alpha=group["weight_decay"])
+            slot["exp_avg"].lerp_(grad, one_minus_beta1)
+            slot["exp_avg_sq"].mul_(beta2).add_((grad * grad) * one_minus_beta2)
+            denom = (slot["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
+            parameter.add_((slot["exp_avg"] / denom) * negative_step_size)
 
 
 def replayable_steppers(optimizers: dict[str, torch.optim.Optimizer]

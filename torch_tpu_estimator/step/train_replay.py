@@ -33,6 +33,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..input.batches import HostBatch
 from ..runtime import xla_compat
+from ..runtime.base import RecompilationError
 from .loop import StepRunner
 from .replay import NotReplayable, batch_tensors, shapes
 from .update import UpdateStep
@@ -140,9 +141,10 @@ class ReplayedTraining:
     out to be read back (Replica.readable)."""
 
     def __init__(self, program: ReplayableProgram, update: UpdateStep, model: torch.nn.Module,
-                 run_step: StepRunner, readable: Callable[[Any], Any]):
+                 run_step: StepRunner, readable: Callable[[Any], Any], max_graphs: int | None):
         self.program, self.update, self.model = program, update, model
-        self.run_step, self.readable = run_step, readable
+        self.run_step, self.readable, self.max_graphs = run_step, readable, max_graphs
+        self.graphs: set[str] = set()  # the programs compiled (TPUConfig.max_graphs_per_mode)
         self.programs: dict[Any, list[StepProgram]] = {}
         self.traced = 0
         self.seed_advances: int | None = None
@@ -221,16 +223,25 @@ class ReplayedTraining:
                 self._decline(reason)
                 step = None
             if step is not None:
+                self._count(step.graph_hash)
                 compiled.append(step)
                 outputs = step.run_traced(arguments, carried)
-                for tensor in carried:  # their gradients are not read: none to compute
-                    tensor.grad = None
             return self.readable(self.program.finish_step(batch, outputs))
 
         outputs = self.run_step(body)
         if compiled and not self.declined:
             self._keep(kind, compiled[0], seed_before)
         return outputs
+
+    def _count(self, graph_hash: str) -> None:
+        """The recompilation guard for the programs replay compiles (the step runner's counts
+        the graphs it cuts)."""
+        self.graphs.add(graph_hash)
+        if self.max_graphs is not None and len(self.graphs) > self.max_graphs:
+            raise RecompilationError(
+                f"mode 'train' compiled {len(self.graphs)} different step programs, more than "
+                f"the {self.max_graphs} TPUConfig.max_graphs_per_mode['train'] allows: the "
+                "batch's shapes or the step's Python branches change from step to step")
 
     def _compile(self, outputs: Any, tensors: list[torch.Tensor], carried: list[torch.Tensor],
                  carried_handles: dict[int, Input], reads_before: dict[str, int]

@@ -198,8 +198,6 @@ class UpdateStep:
         update unless model_fn ran its own. Returns model_fn's spec (joined micro-batches)."""
         self.global_step, self.took_charge, self.scalars, self.by_model_fn = step, False, {}, False
         self._reduced, self._stepped_directly = set(), set()
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
         count = self.config.accumulation_steps
         if count == 1:
             epochs = {name: scheduler.last_epoch for name, scheduler in self.schedulers.items()
@@ -220,6 +218,8 @@ class UpdateStep:
             self.apply()
         if self.ema is not None:
             self.ema.update()
+        for optimizer in self.optimizers.values():  # used: the step's program need not keep
+            optimizer.zero_grad(set_to_none=True)  # them, and the next step starts from none
         return spec
 
     def _step_schedulers_left(self, epochs: Mapping[str, int]) -> None:
@@ -255,8 +255,7 @@ class UpdateStep:
                 "loss, name) for each (the built-in update and accumulation drive one optimizer)")
 
     def learning_rates(self) -> dict[str, float]:
-        """Every parameter group's learning rate before this step, as "<optimizer>/<group>"
-        (Python floats the schedulers set: no device read)."""
+        """Each group's learning rate before this step, as "<optimizer>/<group>" (no read)."""
         return {f"{name}/{index}": float(group["lr"]) for name, optimizer in self.optimizers.items()
                 for index, group in enumerate(optimizer.param_groups)}
 
