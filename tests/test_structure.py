@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +98,12 @@ def test_no_import_cycle():
 def test_no_module_is_over_350_lines(module):
     with open(MODULES[module]) as handle:
         assert sum(1 for _ in handle) <= MAX_LINES
+
+
+def test_importing_the_package_leaves_torch_xla_unimported():
+    """Plain PyTorch users need no torch_xla, and torch_xla's import configures logging
+    (logging.basicConfig): it is imported when an XLA runtime starts, not before."""
+    done = subprocess.run([sys.executable, "-c", "import sys, torch_tpu_estimator; "
+                           "print('torch_xla' in sys.modules)"], capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.strip() == "False"

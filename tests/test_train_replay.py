@@ -75,17 +75,20 @@ CASES = {
                          update_config=UpdateConfig(accumulation_steps=2)),
     "ema": dict(optimizer_fn=adam_step_lr, update_config=UpdateConfig(ema_decay=0.9)),
     "batch_norm": dict(optimizer_fn=adam_step_lr, model_init_fn=lambda params: BatchNormNet()),
+    "bf16_autocast": dict(optimizer_fn=adam_step_lr, dropout=0.3,
+                          tpu_config_extra={"precision": "bf16"}),
     "unused_parameter": dict(optimizer_fn=adamw_one_cycle,
                              model_init_fn=lambda params: UnusedHead()),
 }
 
 
 def train(model_dir, replay: bool, steps: int = 12, max_steps: int | None = None,
-          **options) -> tuple[dict, list[float]]:
+          tpu_config_extra: dict | None = None, **options) -> tuple[dict, list[float]]:
     """Trains from model_dir (fresh or not); returns the final checkpoint and the losses."""
     losses = Losses()
-    estimator = make_estimator(model_dir, tpu_config_extra={"replay_training": replay},
-                               log_step_count_steps=None, **options)
+    estimator = make_estimator(model_dir, log_step_count_steps=None, **options,
+                               tpu_config_extra={**(tpu_config_extra or {}),
+                                                 "replay_training": replay})
     estimator.train(lambda params: make_data(200), steps=None if max_steps else steps,
                     max_steps=max_steps, hooks=[losses])
     return torch.load(estimator.latest_checkpoint(), weights_only=True), losses.values
@@ -119,6 +122,28 @@ def test_replay_compiles_no_graph_per_step_and_resumes_bit_for_bit(tmp_path, cap
     parts, part_losses = train(tmp_path / "parts", True, max_steps=20, **options)
     assert part_losses == whole_losses[7:]
     assert same_values(parts, whole)
+
+
+def test_host_call_gets_every_nth_replayed_step_as_a_traced_run_gives_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="torch_tpu_estimator")
+    calls = {True: [], False: []}
+
+    def model_fn(model, features, labels, mode, params):
+        logits = model(features)
+        loss = F.cross_entropy(logits, labels)
+        record = calls[params["replay"]]
+        return TPUEstimatorSpec(mode, loss=loss, host_call=(
+            lambda global_step, norms: record.append((global_step, norms.tolist())),
+            {"norms": logits.norm(dim=1)}))
+
+    for replay in (True, False):
+        options = dict(fn=model_fn, params={"replay": replay}, optimizer_fn=adam_step_lr)
+        train(tmp_path / str(replay), replay, steps=10,
+              tpu_config_extra={"experimental_host_call_every_n_steps": 3},
+              **(options if replay else torch_arithmetic(options)))
+    assert REPLAYING in caplog.text
+    assert [step for step, _ in calls[True]] == [3, 6, 9]
+    assert calls[True] == calls[False]
 
 
 def test_replay_runs_model_fn_for_the_traced_steps_only(tmp_path, caplog, capsys):

@@ -35,8 +35,8 @@ def _timed_windows(batches: int, group_size: int, seconds: float) -> WindowedBat
     replica = SimpleNamespace(is_chief=True, topology=SimpleNamespace(num_processes=1),
                               host_gather=lambda value: [value])
     plan = ExecutionPlan(window_steps=math.inf, window_seconds=seconds,
-                         steps_per_program=group_size, replay=False, agree_each_step=False,
-                         max_graphs=None)
+                         steps_per_program=group_size, replay=False, replay_training=False,
+                         agree_each_step=False, max_graphs=None)
     return WindowedBatches(iter(range(batches)), plan, replica)
 
 

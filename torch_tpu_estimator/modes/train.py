@@ -38,7 +38,6 @@ from ..step.context import ModeContext
 from ..step.gather import real_examples
 from ..step.loop import ModeProgram, StepRunner, run_to_end
 from ..step.preemption import TerminationRequest
-from ..step.train_replay import ReplayedTraining, replayed_host_step
 from ..step.windows import WindowedBatches, steps_to_next_stop
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -143,6 +142,8 @@ class TrainProgram(ModeProgram):
         """What a replayed step does on the host before it runs; returns the update's numbers."""
         self.learning_rates.append(self.state.update.learning_rates())
         self.state.update.global_step = self.state.global_step + 1
+        from ..step.train_replay import replayed_host_step  # torch_xla: imported when used
+
         return replayed_host_step(self.state.update)
 
     def finish_step(self, batch: HostBatch, outputs: tuple) -> tuple:
@@ -163,6 +164,8 @@ class TrainProgram(ModeProgram):
                             "or an SPMD mesh)", type(self.ctx.replica).__name__,
                             self.ctx.replica.topology.num_processes)
             return super().group_runner(run_step)
+        from ..step.train_replay import ReplayedTraining  # torch_xla: imported when used
+
         return ReplayedTraining(self, self.state.update, self.state.model, run_step,
                                 self.ctx.replica.readable, self.ctx.plan.max_graphs)
 
