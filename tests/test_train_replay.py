@@ -252,3 +252,14 @@ def test_replay_on_a_4_device_mesh_equals_a_traced_run(tmp_path, sharding, optim
                                   CPU_NUM_DEVICES="4") for replay in ("on", "off"))
     assert replayed["replayed"] and not traced["replayed"]
     assert replayed["weights"] == traced["weights"]
+
+
+def test_a_callers_pending_device_tensor_keeps_its_value_through_replayed_training(tmp_path,
+                                                                                 caplog):
+    import torch_xla
+
+    caplog.set_level(logging.INFO, logger="torch_tpu_estimator")
+    total = torch.arange(3.0, device=torch_xla.device()) * 10 + 1  # pending, never run
+    train(tmp_path / "model", True, optimizer_fn=adam_step_lr)
+    assert REPLAYING in caplog.text
+    assert total.cpu().tolist() == [1.0, 11.0, 21.0]
