@@ -217,8 +217,8 @@ def model_fn(model: nn.Module, features: torch.Tensor, labels: torch.Tensor | No
 
 
 def make_estimator(build: Build, model_dir: str, accumulation: int = 1,
-                   steps_per_program: int = STEPS_PER_PROGRAM, replay: bool = True
-                   ) -> TPUEstimator:
+                   steps_per_program: int = STEPS_PER_PROGRAM, replay: bool = True,
+                   window: int = 100) -> TPUEstimator:
     """TPUEstimator with checkpoints, summaries and step logging off, windows of 100 steps,
     `steps_per_program` evaluate and predict steps per XLA program, replayed or not."""
     return TPUEstimator(
@@ -228,7 +228,7 @@ def make_estimator(build: Build, model_dir: str, accumulation: int = 1,
         predict_batch_size=BATCH,
         config=RunConfig(save_checkpoints_steps=None, log_step_count_steps=None,
                          save_summary_steps=None, tpu_config=TPUConfig(
-                             iterations_per_loop=100,
+                             iterations_per_loop=window,
                              inference_steps_per_execution=steps_per_program,
                              replay_inference=replay, replay_training=replay),
                          update_config=UpdateConfig(accumulation_steps=accumulation)))
@@ -348,34 +348,35 @@ def one_run(side: str, model: str, mode: str, args: argparse.Namespace) -> dict:
         timed_compiles = count("CompileTime") - compiles
         transfers = count("TransferFromDeviceTime") - transfers
     busy = None
-    if mode == "train":
+    if mode == "train" and side in ("estimator", "estimator_traced", "hand"):
         build, shape = MODELS[model]
-        busy = seconds / amount / device_seconds_per_step(build, make_dataset(shape, BATCH, 0))
+        busy = seconds / amount / device_seconds_per_step(side, build, make_dataset(shape, 512, 0))
     return {"rate": amount / seconds, "warmup_compiles": warmup_compiles,
             "timed_compiles": timed_compiles, "transfers": transfers, "wall_over_device": busy}
 
 
-def device_seconds_per_step(build: Build, dataset: TensorDataset, steps: int = 50) -> float:
-    """The device's own time for one training step (torch_xla's ExecuteTime), each step run
-    alone (the host waits for it), so that no queueing behind another step is counted."""
-    device = torch_xla.device()
-    model = build().to(device)
-    optimizer = make_optimizer(model)
-    features, labels = (tensor.to(device) for tensor in dataset.tensors)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        F.cross_entropy(model(features), labels).backward()
-        optimizer.step()
-        torch_xla.sync()
-        xm.wait_device_ops()
-
-    for _ in range(3):
-        step()
-    before = met.metric_data("ExecuteTime")[1]
-    for _ in range(steps):
-        step()
-    return (met.metric_data("ExecuteTime")[1] - before) / 1e9 / steps
+def device_seconds_per_step(side: str, build: Build, dataset: TensorDataset,
+                            steps: int = 60) -> float:
+    """The device's own time for one of `side`'s training steps: torch_xla's ExecuteTime, the
+    median of the last steps of a run where each step runs alone (the host waits for it), so
+    that no queueing behind another step is counted."""
+    if side == "hand":
+        device = torch_xla.device()
+        model = build().to(device)
+        optimizer = make_optimizer(model)
+        features, labels = (tensor[:BATCH].to(device) for tensor in dataset.tensors)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(model(features), labels).backward()
+            optimizer.step()
+            torch_xla.sync()
+            xm.wait_device_ops()
+    else:  # windows of one step: each step's loss is read before the next step starts
+        with tempfile.TemporaryDirectory() as model_dir:
+            make_estimator(build, model_dir, replay=side == "estimator", window=1).train(
+                lambda params: dataset, steps=steps)
+    samples = [value for _, value in met.metric_data("ExecuteTime")[2][-steps // 2:]]
+    return statistics.median(samples) / 1e9
 
 
 def fresh(args: argparse.Namespace, *options: str) -> dict:

@@ -54,6 +54,7 @@ class ReplayableStep:
         self.adam = not isinstance(optimizer, torch.optim.SGD)
         self.device = optimizer.param_groups[0]["params"][0].device
         self.sent: torch.Tensor | None = None  # the last vector sent
+        self._numbers: list[float] = []  # and what it holds
         # which parameters had a gradient in the last traced step (a replayed one has none)
         self.stepped: list[list[bool]] = []
 
@@ -82,7 +83,9 @@ class ReplayableStep:
                 numbers += self._adam_numbers(group, stepped)
             else:
                 numbers += [group["momentum"], -group["lr"]]
-        self.sent = torch.tensor(numbers, dtype=torch.float32).to(self.device)
+        if numbers != self._numbers:  # a constant learning rate: no transfer a step
+            self._numbers = numbers
+            self.sent = torch.tensor(numbers, dtype=torch.float32).to(self.device)
         return self.sent
 
     def _adam_numbers(self, group: dict, stepped: list[bool]) -> list[float]:
