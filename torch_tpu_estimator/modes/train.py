@@ -114,6 +114,7 @@ class TrainProgram(ModeProgram):
         self.learning_rates: list[dict[str, float]] = []
         self.host_call_fn: Callable[..., Any] | None = None
         self.host_call_every = config.tpu_config.experimental_host_call_every_n_steps
+        self.replayed: Any = None  # the replayed steps' runner, with replay_training
 
     def steps_left(self) -> float:
         return steps_to_next_stop(self.state.global_step, self.target,
@@ -166,8 +167,9 @@ class TrainProgram(ModeProgram):
             return super().group_runner(run_step)
         from ..step.train_replay import ReplayedTraining  # torch_xla: imported when used
 
-        return ReplayedTraining(self, self.state.update, self.state.model, run_step,
-                                self.ctx.replica.readable, self.ctx.plan.max_graphs)
+        self.replayed = ReplayedTraining(self, self.state.update, self.state.model, run_step,
+                                         self.ctx.replica.readable, self.ctx.plan.max_graphs)
+        return self.replayed
 
     def window_end(self, outputs: list[Any], batches: list[HostBatch],
                    seconds: float) -> tuple[Window, None]:
@@ -188,6 +190,8 @@ class TrainProgram(ModeProgram):
                         scalars=dict(zip(names, rows[1:], strict=True)))
         self.learning_rates = []
         self.context.global_step = self.state.global_step
+        if self.replayed is not None:
+            self.replayed.window_ended()
         return window, None
 
     def _run_host_call(self, per_step: list[Any], first_step: int) -> None:

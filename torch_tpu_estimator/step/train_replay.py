@@ -149,6 +149,9 @@ class ReplayedTraining:
         self.traced = 0
         self.seed_advances: int | None = None
         self.declined = False
+        # the carried tensors, found once a window: between two window ends only replay and
+        # the host's step work run (no model_fn, no hook) and neither replaces any
+        self._carried_now: list[torch.Tensor] | None = None
         if update.replay_refusal is not None:
             self._decline(update.replay_refusal)
         else:
@@ -159,11 +162,12 @@ class ReplayedTraining:
             try:
                 (batch,) = group
                 tensors, spec = batch_tensors(group)
-                carried = self._carried()
+                carried = self._carried_now or self._carried()
                 kind = (spec, shapes(tensors), tuple(id(tensor) for tensor in carried),
                         tuple(stepper.structure() for stepper in self.update.steppers.values()))
                 programs = self.programs.get(kind, [])
                 if len(programs) == TRACED_STEPS:
+                    self._carried_now = carried
                     return [self._replay(programs[-1], batch, tensors, carried)]
                 if self.traced >= MAX_TRACED_STEPS:
                     raise NotReplayable(f"no two of the first {MAX_TRACED_STEPS} steps were of "
@@ -174,6 +178,10 @@ class ReplayedTraining:
                 self._decline(reason)
         return self.run_step(lambda: [self.readable(self.program.finish_step(
             batch, self.program.traced_step(batch))) for batch in group])
+
+    def window_ended(self) -> None:
+        """Hooks may now change the module or the optimizer: find the carried tensors anew."""
+        self._carried_now = None
 
     def _decline(self, reason: NotReplayable | str) -> None:
         self.declined = True
@@ -207,6 +215,7 @@ class ReplayedTraining:
         """One step traced, compiled as a StepProgram and run by it; the program is kept for
         its kind unless the step made new state (an optimizer's first step)."""
         self.traced += 1
+        self._carried_now = None  # a traced step may make new state
         if any(xla_compat.pending(carried)):  # restored weights, not yet on the device
             xla_compat.materialize(carried)
         carried_handles = {handle: Input("carried", index) for index, handle in
