@@ -148,14 +148,16 @@ def data_handles(tensors: list[torch.Tensor]) -> list[int]:
     """The device buffer each XLA tensor (not pending) holds, as an opaque handle: a graph that
     reads the tensor reads the same buffer (graph_inputs' values), whatever ids say (on an SPMD
     mesh a graph names a tensor's data by an id of its own). Waits for the device first: a
-    buffer still being computed has no handle yet."""
+    buffer still being computed has no handle yet (asking crashed the process on a mesh)."""
     xm.wait_device_ops()
     return list(torch_xla._XLAC._get_tensors_handle(tensors))
 
 
 def assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
     """Makes `value`'s device data `tensor`'s, with no pending operation: the tensor object
-    stays (modules and optimizers hold it), and its views (functionalization's) follow it."""
+    stays (modules and optimizers hold it), and its views (functionalization's) follow it.
+    (torch_xla's `_replace_xla_tensor` left a view such as `weight.t()` reading the old value;
+    `copy_` leaves pending work, which an SPMD program refuses as its input.)"""
     torch._functionalize_replace(tensor, torch._from_functional_tensor(value))
     torch._functionalize_commit_update(tensor)
 
