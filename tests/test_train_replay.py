@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_data, make_estimator, run_fresh, same_values
+from helpers import make_data, make_estimator, run_fresh, same_values, sgd
 
 from torch_tpu_estimator import Hook, RecompilationError, TPUEstimatorSpec, UpdateConfig
 
@@ -199,6 +199,26 @@ def scales_by_a_python_number(model, features, labels, mode, params):
                             * (1 + 0.01 * len(STEPS_SEEN)))
 
 
+def sets_the_learning_rate(model, features, labels, mode, params, update):
+    STEPS_SEEN.append(1)
+    update.optimizers["default"].param_groups[0]["lr"] = 0.1 / len(STEPS_SEEN)
+    return TPUEstimatorSpec(mode, loss=F.cross_entropy(model(features), labels))
+
+
+class CountsInPlace(BatchNormNet):
+    """Keeps a plain tensor (no buffer) that forward changes in place and reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = None
+
+    def forward(self, x):
+        if self.count is None:
+            self.count = torch.zeros((), device=x.device)
+        self.count.add_(1)
+        return super().forward(x) * (1 + 0.01 * self.count)
+
+
 def rmsprop(model, params):
     return torch.optim.RMSprop(model.parameters(), lr=0.01)
 
@@ -209,7 +229,12 @@ def rmsprop(model, params):
     (dict(fn=scales_by_a_python_number),
      "two training steps read different values besides their batch"),
     (dict(optimizer_fn=rmsprop), "optimizer 'default': RMSprop is not one of SGD, Adam, AdamW"),
-], ids=["host_read", "model_fn_update", "python_number", "optimizer"])
+    (dict(fn=sets_the_learning_rate, optimizer_fn=sgd),
+     "model_fn changes the optimizer's options (a learning rate it computes)"),
+    (dict(model_init_fn=lambda params: CountsInPlace()),
+     "two training steps read different values besides their batch"),
+], ids=["host_read", "model_fn_update", "python_number", "optimizer", "model_fn_sets_lr",
+        "tensor_changed_in_place"])
 def test_what_replay_does_not_cover_is_refused_with_its_reason_and_traced(tmp_path, caplog,
                                                                          options, reason):
     caplog.set_level(logging.INFO, logger="torch_tpu_estimator")

@@ -17,12 +17,12 @@ import pickle
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..common.signals import on_sigterm
 from .base import Progress
 
 T = TypeVar("T")
@@ -181,27 +181,12 @@ def _process_state(pid: int) -> str:
         return "?"
 
 
-class _ForwardTerminate:
-    """While replicas run, SIGTERM to the launcher is passed on to them (they checkpoint and
-    end) instead of killing the launcher, whose death would SIGKILL them (PR_SET_PDEATHSIG)."""
-
-    def __init__(self, processes: list[multiprocessing.Process]):
-        self.processes = processes
-        self.previous: Any = None
-
-    def __enter__(self) -> _ForwardTerminate:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._forward)
-        return self
-
-    def _forward(self, signum: int, frame: Any) -> None:
-        for process in self.processes:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+def _forward_sigterm(processes: list[multiprocessing.Process]) -> None:
+    """SIGTERM to the launcher, passed on to the replicas (they checkpoint and end) instead of
+    killing the launcher, whose death would SIGKILL them (PR_SET_PDEATHSIG)."""
+    for process in processes:
+        if process.pid is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
 
 
 def launch_processes(num_processes: int, run: Callable[[int, str, Heartbeats], T],
@@ -228,7 +213,7 @@ def launch_processes(num_processes: int, run: Callable[[int, str, Heartbeats], T
                                                           os.getpid()))
                      for rank in range(num_processes)]
         try:
-            with _ForwardTerminate(processes):
+            with on_sigterm(lambda: _forward_sigterm(processes)):
                 for process in processes:
                     process.start()
                 _wait(processes, scratch, heartbeats, timeout_secs)

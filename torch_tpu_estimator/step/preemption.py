@@ -9,9 +9,11 @@ ended by SIGTERM. A restart with the same call resumes exactly there.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-import threading
 from typing import Any
+
+from ..common.signals import on_sigterm
 
 EXIT_STATUS = 128 + signal.SIGTERM
 
@@ -22,17 +24,15 @@ class TerminationRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._handling: contextlib.AbstractContextManager | None = None
 
     def __enter__(self) -> TerminationRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._note)
+        self._handling = on_sigterm(self._note)
+        self._handling.__enter__()
         return self
 
-    def _note(self, signum: int, frame: Any) -> None:
+    def _note(self) -> None:
         self.requested = True
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        self._handling.__exit__(*exc)

@@ -44,6 +44,12 @@ def not_replayable(optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
+def options(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's options (learning rate, betas...), parameters left out."""
+    return [{key: value for key, value in group.items() if key != "params"}
+            for group in optimizer.param_groups]
+
+
 class ReplayableStep:
     """One optimizer's step with its per-step numbers sent as device data. Calling it runs a
     whole step (numbers sent, then the device ops); host_step() does the host's part alone,
@@ -55,6 +61,7 @@ class ReplayableStep:
         self.device = optimizer.param_groups[0]["params"][0].device
         self.sent: torch.Tensor | None = None  # the last vector sent
         self._numbers: list[float] = []  # and what it holds
+        self.read_options: list[dict] = []  # the groups' options the last traced step read
         # which parameters had a gradient in the last traced step (a replayed one has none)
         self.stepped: list[list[bool]] = []
 
@@ -77,6 +84,7 @@ class ReplayableStep:
         if traced:
             self.stepped = [[parameter.grad is not None for parameter in group["params"]]
                             for group in self.optimizer.param_groups]
+            self.read_options = options(self.optimizer)
         numbers: list[float] = []
         for group, stepped in zip(self.optimizer.param_groups, self.stepped, strict=True):
             if self.adam:

@@ -36,6 +36,7 @@ from ..runtime import xla_compat
 from ..runtime.base import RecompilationError
 from .loop import StepRunner
 from .replay import NotReplayable, batch_tensors, shapes
+from .replayable_optimizers import options
 from .update import UpdateStep
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -78,13 +79,16 @@ class Input:
     kind: str  # "batch" | "numbers" | "carried" | "seed" | "fixed"
     index: int = 0
     fixed: torch.Tensor | None = None
+    # the fixed tensor's value when traced, on the host: a tensor model_fn changes in place is
+    # compared by the value each step read (the device buffer may be reused after)
+    fixed_host: torch.Tensor | None = None
 
     def differs_from(self, other: Input) -> bool:
         if (self.kind, self.index) != (other.kind, other.index):
             return True
         if self.kind != "fixed":
             return False
-        mine, theirs = xla_compat.to_cpu([self.fixed, other.fixed])
+        mine, theirs = self.fixed_host, other.fixed_host
         return mine.dtype != theirs.dtype or not torch.equal(mine, theirs)
 
 
@@ -221,11 +225,17 @@ class ReplayedTraining:
         carried_handles = {handle: Input("carried", index) for index, handle in
                            enumerate(xla_compat.data_handles(carried))}  # before the step
         seed_before, reads_before = xm.get_rng_state(), xla_compat.host_reads()
+        options_before = [options(stepper.optimizer) for stepper in self.update.steppers.values()]
         compiled: list[StepProgram] = []
 
         def body() -> Any:
             outputs = self.program.traced_step(batch)
             try:
+                if [stepper.read_options for stepper in self.update.steppers.values()] != \
+                        options_before:
+                    raise NotReplayable(
+                        "model_fn changes the optimizer's options (a learning rate it computes): "
+                        "a replay, which runs no model_fn, would keep the traced steps' value")
                 step, arguments = self._compile(outputs, tensors, carried, carried_handles,
                                                 reads_before)
             except NotReplayable as reason:
@@ -285,10 +295,14 @@ class ReplayedTraining:
         handles = xla_compat.data_handles([value for key, value in zip(ids, values, strict=True)
                                            if key != seed_id])
         handle_of = iter(handles)
-        inputs = tuple(Input("seed") if key == seed_id
-                       else known.get(next(handle_of), Input("fixed", fixed=value))
-                       for key, value in zip(ids, values, strict=True))
-        step = StepProgram(xla_compat.compile_graph(graph_outputs), inputs, output_spec,
+        inputs = [Input("seed") if key == seed_id
+                  else known.get(next(handle_of), Input("fixed", fixed=value))
+                  for key, value in zip(ids, values, strict=True)]
+        fixed = [index for index, source in enumerate(inputs) if source.kind == "fixed"]
+        for index, host in zip(fixed, xla_compat.to_cpu([inputs[i].fixed for i in fixed]),
+                               strict=True):  # one transfer
+            inputs[index] = dataclasses.replace(inputs[index], fixed_host=host)
+        step = StepProgram(xla_compat.compile_graph(graph_outputs), tuple(inputs), output_spec,
                            tuple(leaf is not None for leaf in leaves), tuple(changed))
         return step, values
 
