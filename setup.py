@@ -39,7 +39,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "ruff", "tensorboard"],
+        # the S3 server the object-storage tests start on localhost, and its client
+        "dev": ["pytest", "pytest-xdist", "ruff", "tensorboard", "moto[server]>=5.0",
+                "s3fs>=2024.12"],
+        # model_dir and exports in buckets: fsspec's conditional create (the lease) is 2024.12+
+        "buckets": ["fsspec>=2024.12", "s3fs>=2024.12", "gcsfs>=2024.12"],
         "examples": ["scikit-learn"],
         "tf": ["tensorflow-cpu"],
         "bench": ["lightning"],

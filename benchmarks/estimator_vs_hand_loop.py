@@ -22,7 +22,8 @@ Each mode does the same work on the same model, data, batch size and device with
 
 Models: an MLP (64-256-256-10 on 64 features) and a small CNN (two 3x3 conv + ReLU + 2x2
 max-pool layers, then a linear layer, on 3x16x16 images); random data, 10 classes, batch 64,
-Adam (lr 1e-3), or with `--optimizer sgd` SGD with momentum 0.9 (lr 0.01), on every side.
+training with Adam (lr 1e-3) and with SGD with momentum 0.9 (lr 0.01) (`--optimizers`), on every
+side.
 Modes: train (`--steps` steps from a fresh model), evaluate (loss and accuracy over every
 example, exactly, from a checkpoint), predict (the class of every example, in order).
 
@@ -35,7 +36,7 @@ a step over the device's own time for it (torch_xla's ExecuteTime: 1.0 = the hos
 
     PJRT_DEVICE=CPU python benchmarks/estimator_vs_hand_loop.py [--repeats 5] [--steps 500]
         [--eval-examples 20000] [--predict-examples 20000] [--models mlp,cnn]
-        [--modes train,eval,predict] [--optimizer adam|sgd]
+        [--modes train,eval,predict] [--optimizers adam,sgd]
         [--sides estimator,hand,hand_indexed,lightning,estimator_accum4,estimator_traced,
                  estimator_1step]
 """
@@ -382,7 +383,7 @@ def device_seconds_per_step(side: str, build: Build, dataset: TensorDataset,
 def fresh(args: argparse.Namespace, *options: str) -> dict:
     """Runs this script with `options` in a new interpreter; returns the JSON it prints."""
     command = [sys.executable, os.path.abspath(__file__), *options,
-               "--optimizer", args.optimizer, "--steps", str(args.steps),
+               "--steps", str(args.steps),
                "--eval-examples", str(args.eval_examples),
                "--predict-examples", str(args.predict_examples)]
     done = subprocess.run(command, env=dict(os.environ, PJRT_DEVICE="CPU"),
@@ -411,15 +412,19 @@ def benchmark(args: argparse.Namespace, sides: list[str]) -> list[str]:
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             checkpoint = fresh(args, "--prepare", model, os.path.join(scratch, model))["path"]
-            for mode in args.modes:
+            # training once per optimizer; evaluate and predict read the (Adam) checkpoint
+            runs_of = [(mode, optimizer) for mode in args.modes
+                       for optimizer in (args.optimizers if mode == "train" else ["adam"])]
+            for mode, optimizer in runs_of:
+                label = f"{mode} ({optimizer})" if mode == "train" else mode
                 chosen = [side for side in sides
                           if side not in (INFERENCE_ONLY if mode == "train" else TRAIN_ONLY)]
                 runs: dict[str, list[dict]] = {side: [] for side in chosen}
                 for round_ in range(args.repeats):
                     for side in chosen:  # alternating, a fresh process each
-                        runs[side].append(fresh(args, "--one", side, model, mode,
-                                                "--checkpoint", checkpoint))
-                    print(f"{model} {mode} round {round_ + 1}: " + ", ".join(
+                        runs[side].append(fresh(args, "--one", side, model, mode, "--checkpoint",
+                                                checkpoint, "--optimizer", optimizer))
+                    print(f"{model} {label} round {round_ + 1}: " + ", ".join(
                         f"{side} {runs[side][-1]['rate']:.1f}" for side in chosen), flush=True)
                 unit = "steps/s" if mode == "train" else "examples/s"
                 for side in chosen:
@@ -429,7 +434,7 @@ def benchmark(args: argparse.Namespace, sides: list[str]) -> list[str]:
                     last = runs[side][-1]
                     busy = [run["wall_over_device"] for run in runs[side]
                             if run["wall_over_device"]]
-                    rows.append(f"| {model} | {mode} | {side} | {summary(rates)} {unit} | "
+                    rows.append(f"| {model} | {label} | {side} | {summary(rates)} {unit} | "
                                 f"{summary(ratios) if side != 'estimator' else ''} | "
                                 f"{last['warmup_compiles']} | {last['transfers']} | "
                                 f"{summary(busy) if busy and mode == 'train' else ''} |")
@@ -465,7 +470,10 @@ def main() -> None:
                         default=list(MODELS))
     parser.add_argument("--modes", type=lambda text: names(text, MODES), default=list(MODES))
     parser.add_argument("--sides", type=lambda text: names(text, SIDES), default=list(SIDES))
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    parser.add_argument("--optimizers", type=lambda text: names(text, OPTIMIZERS),
+                        default=list(OPTIMIZERS), help="the optimizers training runs with")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                        help=argparse.SUPPRESS)  # one run's (--one, --prepare)
     parser.add_argument("--one", nargs=3, metavar=("SIDE", "MODEL", "MODE"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--prepare", nargs=2, metavar=("MODEL", "DIR"), help=argparse.SUPPRESS)
@@ -485,7 +493,7 @@ def main() -> None:
     if "estimator" not in sides:
         sides.insert(0, "estimator")
     print(f"device {xm.xla_device_hw(torch_xla.device())}, batch {BATCH}, {args.steps} train "
-          f"steps ({args.optimizer}), {args.eval_examples} eval and {args.predict_examples} "
+          f"steps ({', '.join(args.optimizers)}), {args.eval_examples} eval and {args.predict_examples} "
           "predict examples, "
           f"{args.repeats} rounds of fresh processes, sides {', '.join(sides)}")
     rows = benchmark(args, sides)

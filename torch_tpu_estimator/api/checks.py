@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..common.paths import relative_inside
+from ..common.paths import checked_url, is_url, relative_inside
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -99,7 +99,9 @@ def checked_export_arguments(export_dir_base: Any, as_tf_saved_model: Any, as_te
     if not isinstance(export_dir_base, (str, os.PathLike)):
         raise TypeError(f"export_dir_base must be a path, got {type(export_dir_base).__name__}")
     export_dir_base = os.fspath(export_dir_base)
-    if os.path.exists(export_dir_base) and not os.path.isdir(export_dir_base):
+    if is_url(export_dir_base):
+        export_dir_base = checked_url(export_dir_base, "export_dir_base")
+    elif os.path.exists(export_dir_base) and not os.path.isdir(export_dir_base):
         raise ValueError(f"export_dir_base {export_dir_base!r} exists and is not a directory")
     if not isinstance(as_tf_saved_model, bool) or not isinstance(as_text, bool):
         raise TypeError("as_tf_saved_model and as_text must be bools")
@@ -119,6 +121,8 @@ def resolved_model_dir(model_dir: str | None, config_model_dir: str | None) -> s
             f"model_dir={model_dir!r} and config_model_dir={config_model_dir!r} differ; give one"
         )
     resolved = model_dir or config_model_dir
+    if resolved is not None and is_url(resolved):  # a bucket: checked, nothing created yet
+        return checked_url(resolved, "model_dir")
     if resolved is not None and os.path.islink(resolved) and not os.path.exists(resolved):
         raise ValueError(f"model_dir {resolved!r} is a symbolic link to "
                          f"{os.readlink(resolved)!r}, which does not exist")

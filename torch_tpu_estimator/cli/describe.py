@@ -13,6 +13,7 @@ from ..export.signature import STABLEHLO_DIR, dtype_name, newest_export, read_si
 from ..state.checkpoint import INDEX_NAME, resolve_checkpoint_path
 from ..state.schema import Checkpoint
 from ..state.storage import REST_NAME
+from ..state.stores import store_for
 from ..step import update
 
 
@@ -56,7 +57,8 @@ def describe_export(export_dir: str) -> list[str]:
 
 def describe(path: str) -> list[str]:
     """Lines describing what `path` holds."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, INDEX_NAME)) and \
-            not os.path.isfile(os.path.join(path, REST_NAME)):
+    store = store_for(path)  # a local path or a bucket's URL
+    if store.isdir(path) and not store.exists(store.join(path, INDEX_NAME)) and \
+            not store.exists(store.join(path, REST_NAME)):
         return describe_export(newest_export(path))
     return describe_checkpoint(resolve_checkpoint_path(path))

@@ -11,6 +11,32 @@ import os
 import stat
 
 
+def is_url(path: str) -> bool:
+    """Whether `path` names an object store (`<protocol>://...`, e.g. `gs://bucket/run`)
+    rather than a local path (a `file://` URL is a local path)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """A local path given as such or as a `file://` URL."""
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def checked_url(path: str, argument: str) -> str:
+    """A URL whose protocol fsspec can reach here (its package installed), without a trailing
+    slash; else a ValueError naming `argument` and the package to install."""
+    protocol = path.split("://", 1)[0]
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"{argument} {path!r} is on a store this machine cannot reach: "
+                         f"{error}. Install fsspec and the package for {protocol}:// (pip "
+                         "install 'torch_tpu_estimator[buckets]' gives s3fs and gcsfs)") from None
+    return path.rstrip("/")
+
+
 def plain_name(name: object, what: str) -> str:
     """`name` when it is a plain file name (no separator, not `.`/`..`, not absolute, no NUL);
     else a ValueError naming it and `what` it came from."""

@@ -27,10 +27,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch_xla import stablehlo
 
-from ..common.paths import is_number_name
+from ..common.paths import is_number_name, is_url
 from ..runtime import xla_compat
 from ..state.files import creation_mode, fsync_path
 from ..state.locking import hold_directory, remove_if_abandoned
+from ..state.stores import store_for
 from ..step.context import ModeContext
 from .signature import (
     ASSETS_EXTRA_DIR,
@@ -207,6 +208,20 @@ def _fsync_tree(directory: str) -> None:
             fsync_path(os.path.join(root, name))
 
 
+def _publish_to_store(export_dir_base: str, write: Callable[[str], None]) -> str:
+    """An export into a bucket: written locally as always (_publish), then uploaded under a
+    `<unix seconds>` name later than every export there, its signature last: a reader takes a
+    folder for an export once its signature is there, so a killed upload is never read."""
+    store = store_for(export_dir_base)
+    with tempfile.TemporaryDirectory() as staging:
+        local = _publish(staging, write)
+        stamps = [int(name) for name in store.listdir(export_dir_base) if is_number_name(name)]
+        final = store.join(export_dir_base, str(max([int(os.path.basename(local)), *[
+            stamp + 1 for stamp in stamps]])))
+        store.upload(local, final, last=SIGNATURE_NAME)
+    return final
+
+
 def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
     """Runs write(temporary_dir), then renames it to a new `<unix seconds>` name, later than
     every export already there (so the newest is the largest even if the clock went back).
@@ -301,6 +316,6 @@ def export_model(
         with open(os.path.join(directory, SIGNATURE_NAME), "w") as handle:
             handle.write(signature.to_json())
 
-    path = _publish(export_dir_base, write)
+    path = (_publish_to_store if is_url(export_dir_base) else _publish)(export_dir_base, write)
     logger.info("Exported the model of step %d to %s", global_step, path)
     return path

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..common.paths import is_number_name, relative_inside
+from ..common.paths import is_number_name, is_url, relative_inside
+from ..state.stores import store_for
 
 SIGNATURE_NAME = "signature.json"
 STABLEHLO_DIR = "stablehlo"
@@ -180,7 +181,10 @@ def is_export_dir(path: str) -> bool:
 
 
 def newest_export(path: str) -> str:
-    """`path` itself when it is an export, else its newest timestamped export directory."""
+    """`path` itself when it is an export, else its newest timestamped export directory; an
+    export in a bucket as a local copy of it."""
+    if is_url(path):
+        return _newest_export_in_store(path)
     if is_export_dir(path):
         return path
     if not os.path.isdir(path):
@@ -191,3 +195,17 @@ def newest_export(path: str) -> str:
         raise ValueError(f"no export at {path!r}: it has no {SIGNATURE_NAME} and no timestamped "
                          "export directory")
     return os.path.join(path, max(stamps, key=int))
+
+
+def _newest_export_in_store(path: str) -> str:
+    """A local copy of the export at `path` in a bucket, or of the newest one under it whose
+    upload finished (its signature, uploaded last, is there)."""
+    store = store_for(path)
+    if not store.exists(store.join(path, SIGNATURE_NAME)):
+        stamps = [name for name in store.listdir(path) if is_number_name(name)
+                  and store.exists(store.join(store.join(path, name), SIGNATURE_NAME))]
+        if not stamps:
+            raise ValueError(f"no export at {path!r}: it has no {SIGNATURE_NAME} and no "
+                             "timestamped export whose upload finished")
+        path = store.join(path, max(stamps, key=int))
+    return store.local_copy(path)

@@ -29,9 +29,10 @@ from ..observability.summary import TrainSummaryHook
 from ..runtime.base import Replica
 from ..state import checkpoint
 from ..state.checkpoint import latest_checkpoint
-from ..state.locking import model_dir_lock
+from ..state.lease import exclusive
 from ..state.run_state import RunState
 from ..state.schema import Checkpoint
+from ..state.uploads import BackgroundPublisher, publishing
 from ..state.warm_start import warm_start
 from ..step.building import build_run_state
 from ..step.context import ModeContext
@@ -48,8 +49,8 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
     """Trains on this replica until the target step, a hook's stop, the input's end or SIGTERM;
     returns whether SIGTERM ended it.
 
-    The chief holds model_dir's lock throughout: a second trainer is refused, and a model_dir
-    it cannot write is found before the first step.
+    The chief holds model_dir's lock (a bucket's lease) throughout: a second trainer is
+    refused, and a model_dir it cannot write is found before the first step.
     """
     ctx = ModeContext(job, replica, ModeKeys.TRAIN)
     if max_steps is not None:  # nothing to write: no lock, a read-only model_dir will do
@@ -59,8 +60,11 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
                         checkpoint.step_of(latest), max_steps)
             return False
     with contextlib.ExitStack() as stack:
-        if replica.is_chief:
-            stack.enter_context(model_dir_lock(job.model_dir))
+        still_owner = stack.enter_context(exclusive(job.model_dir)) if replica.is_chief \
+            else None
+        if still_owner is not None:
+            checkpoint.start_index(job.model_dir)
+        publisher = stack.enter_context(publishing())  # before the lease is released
         interrupt = stack.enter_context(TerminationRequest())
         one_pass = steps is None and max_steps is None and \
             job.config.dataset_config.num_epochs is None
@@ -71,7 +75,7 @@ def train_replica(job: Job, replica: Replica, input_fn: InputFn, hooks: Sequence
             state.global_step + steps if steps is not None else None)
         windows = WindowedBatches(replica.device_batches(streams.host_batches()), ctx.plan,
                                   replica, interrupt)
-        program = TrainProgram(ctx, state, target, hooks)
+        program = TrainProgram(ctx, state, target, hooks, still_owner, publisher)
         program.context.total_steps = None if target is None else target - state.global_step
         state.model.train()
         preempted = run_to_end(program, windows, program.hooks, interrupt)
@@ -97,9 +101,12 @@ class TrainProgram(ModeProgram):
     """Training in the loop: update steps, loss windows, host_call, periodic checkpoints."""
 
     def __init__(self, ctx: ModeContext, state: RunState, target: int | None,
-                 user_hooks: Sequence[Hook]):
+                 user_hooks: Sequence[Hook], still_owner: Callable[[], None] | None = None,
+                 publisher: BackgroundPublisher | None = None):
         super().__init__(ctx, state.global_step)
         self.state, self.target = state, target
+        self.still_owner = still_owner  # raises once another trainer took model_dir over
+        self.publisher = publisher  # a bucket's uploads, in the background
         self.params = ctx.model_params()
         config = ctx.config
         self.hooks: list[Hook] = [NanLossGuard()]
@@ -237,7 +244,8 @@ class TrainProgram(ModeProgram):
             path = checkpoint.save_checkpoint(self.ctx.model_dir, self.state.global_step, tree,
                                               self.ctx.replica.to_host,
                                               self.ctx.config.keep_checkpoint_max,
-                                              self.ctx.config.keep_checkpoint_every_n_hours)
+                                              self.ctx.config.keep_checkpoint_every_n_hours,
+                                              self.still_owner, self.publisher)
             for hook in hooks:
                 hook.after_save(self.context, path)
         self.ctx.replica.barrier("checkpoint_saved")

@@ -23,7 +23,7 @@ from tensorboardX.summary import hparams as hparams_summaries
 from ..api.hooks import Hook, RunContext
 from ..api.job import Job
 from ..common.version import __version__
-from ..state.files import atomic_write
+from ..state.stores import store_for
 from .summary import open_writer
 
 logger = logging.getLogger("torch_tpu_estimator")
@@ -74,15 +74,14 @@ class RunRecordHook(Hook):
 
 def record_run(job: Job, topology_name: str) -> None:
     """Writes run.json at a model_dir's first train; later, logs what changed."""
-    path = os.path.join(job.model_dir, RECORD_NAME)
+    store = store_for(job.model_dir)
+    path = store.join(job.model_dir, RECORD_NAME)
     record = describe(job, topology_name)
-    if not os.path.exists(path):
-        text = json.dumps(record, indent=1, sort_keys=True)
-        atomic_write(path, lambda handle: handle.write(text.encode()))
+    if not store.exists(path):
+        store.publish(path, json.dumps(record, indent=1, sort_keys=True).encode())
         return
     try:
-        with open(path) as handle:
-            first = json.load(handle)
+        first = json.loads(store.read_bytes(path))
     except (OSError, ValueError):
         return
     changed = sorted(key for key in ("params", "config", "batch_sizes")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
 import uuid
 
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
 from ..api.hooks import Hook, RunContext, Window, steps_in_window
+from ..common.paths import is_url
 
 
 def eval_dir(model_dir: str, name: str | None = None) -> str:
@@ -20,7 +22,10 @@ def eval_dir(model_dir: str, name: str | None = None) -> str:
 def write_error(directory: str) -> OSError | None:
     """Why event files cannot be written in `directory` (or, while it does not exist, in its
     nearest folder that does), found by creating and removing a file there; None if they can.
-    Lets a call that would write its results at the end say so before it starts."""
+    Lets a call that would write its results at the end say so before it starts. (A bucket
+    is not probed: its credentials are checked by its first write.)"""
+    if is_url(directory):
+        return None
     target = os.path.abspath(directory)
     while not os.path.isdir(target) and os.path.dirname(target) != target:
         target = os.path.dirname(target)
@@ -32,10 +37,57 @@ def write_error(directory: str) -> OSError | None:
 
 
 def open_writer(directory: str) -> SummaryWriter:
-    """A writer of a new event file in `directory`. tensorboardX names event files by the
-    second and the host only, so two writers opened in the same second would share (and
-    truncate) one file: a random suffix keeps every call's events."""
-    return SummaryWriter(directory, filename_suffix=f".{uuid.uuid4().hex[:12]}")
+    """A writer of a new event file in `directory` (a local folder or a bucket). tensorboardX
+    names event files by the second and the host only, so two writers opened in the same
+    second would share (and truncate) one file: a random suffix keeps every call's events.
+
+    tensorboardX writes to s3:// (boto3) and gs:// (google-cloud-storage) itself, uploading
+    the whole event file at every flush (every FLUSH_SECONDS and at close); other fsspec
+    protocols get the same behaviour through fsspec."""
+    suffix = f".{uuid.uuid4().hex[:12]}"
+    if not is_url(directory):
+        return SummaryWriter(directory, filename_suffix=suffix)
+    _register_fsspec_writer(directory.split("://", 1)[0])
+    return SummaryWriter(directory, filename_suffix=suffix, flush_secs=FLUSH_SECONDS)
+
+
+FLUSH_SECONDS = 30  # how stale a bucket's events may be while a call runs (tensorboardX: 120)
+
+
+class _FsspecRecordWriter:
+    """An event file on an fsspec store: kept in memory, uploaded whole at every flush (an
+    object cannot be appended to), as tensorboardX's S3 writer does."""
+
+    def __init__(self, path: str):
+        import fsspec
+
+        self.fs, self.path = fsspec.core.url_to_fs(path)[0], path
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.fs.pipe_file(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _FsspecWriterFactory:
+    def open(self, path: str) -> _FsspecRecordWriter:
+        return _FsspecRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        """An object store has no folders to create."""
+
+
+def _register_fsspec_writer(protocol: str) -> None:
+    """Lets tensorboardX write event files over fsspec for a protocol it has no working writer
+    of (its own s3 and gs writers need boto3 and google-cloud-storage)."""
+    own = {"s3": record_writer.S3_ENABLED, "gs": getattr(record_writer, "GCS_ENABLED", False)}
+    if not own.get(protocol, False):
+        record_writer.register_writer_factory(protocol, _FsspecWriterFactory())
 
 
 def write_scalars(directory: str, values: dict[str, float], step: int) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import sharded, storage
+from .stores import store_for
 
 FORMAT = 3
 COMPONENTS = ("model", "update", "input", "rng")
@@ -38,6 +39,7 @@ class Checkpoint:
     def load(cls, path: str) -> Checkpoint:
         """Reads and checks the checkpoint at `path` (a ValueError naming it when it is not
         one)."""
+        path = store_for(path).local_copy(path)  # a bucket's checkpoint: downloaded once
         return cls(path, _upgraded(storage.read_outline(path), path,
                                    lambda: _sharded_keys(path)))
 
