@@ -19,7 +19,8 @@ from torch_tpu_estimator import DatasetConfig, Hook
 
 LAYOUTS = {"xla": {}, "spmd4": {"strategy": "spmd"}, "torch": {"use_tpu": False},
            "gloo2": {"use_tpu": False, "num_shards": 2},
-           "xla_replay": {"tpu_config_extra": {"replay_training": True}}}
+           "xla_replay": {"tpu_config_extra": {"replay_training": True}},
+           "torchrun": {"use_tpu": False}}  # as many gloo replicas as torchrun started
 
 
 class Augmented(Dataset):
