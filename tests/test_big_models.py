@@ -273,3 +273,14 @@ def test_a_file_of_a_sharded_checkpoint_that_is_a_symlink_is_refused(sharded_run
     os.symlink(outside, loose / name)
     with pytest.raises(ValueError, match=rf"names '{name}', which is a symbolic link: refused"):
         USES["evaluate"](make_estimator(tmp_path / "model"), str(loose))
+
+
+def test_a_sharded_checkpoint_in_a_bucket_equals_a_local_one_and_restores_onto_2_devices(
+        sharded_run, bucket):
+    done = _run(KILLED, f"{bucket}/run", 0)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same_values(_state(f"{bucket}/run/model.ckpt-14"), _state(sharded_run / "model.ckpt-14"))
+    reference = run_fresh(EVALUATE, "spmd", sharded_run, CPU_NUM_DEVICES="4")
+    results = run_fresh(EVALUATE, "spmd", f"{bucket}/run", CPU_NUM_DEVICES="2")
+    assert results["global_step"] == 14
+    assert results["loss"] == pytest.approx(reference["loss"], rel=1e-5)

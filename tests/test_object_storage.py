@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import fsspec
 import pytest
@@ -78,8 +79,6 @@ def test_a_dead_trainers_lease_is_taken_over_once_expired(bucket, monkeypatch, c
     dead._stop.set()  # it stops renewing, as a killed trainer does, and never releases
     with pytest.raises(ModelDirInUseError, match="expires in"):
         make_estimator(f"{bucket}/run").train(input_fn, steps=2)
-    import time
-
     time.sleep(1.6)
     with caplog.at_level(logging.WARNING, logger="torch_tpu_estimator"):
         make_estimator(f"{bucket}/run").train(input_fn, steps=2)
@@ -242,3 +241,46 @@ def test_a_failed_upload_is_raised_naming_the_checkpoint_and_publishes_nothing(
     monkeypatch.setattr(ObjectStore, "upload", upload)
     estimator.train(input_fn, steps=2)  # resumes from step 2
     assert estimator.latest_checkpoint() == f"{bucket}/run/model.ckpt-4.pt"
+
+
+def test_the_server_stopped_mid_upload_is_a_clear_error_and_publishes_nothing(
+        tmp_path, monkeypatch, s3_endpoint):
+    """A server of its own, stopped while a checkpoint uploads, then started again on the same
+    port (moto keeps its buckets in the process)."""
+    from moto.server import ThreadedMotoServer
+
+    from torch_tpu_estimator.state import stores
+    from torch_tpu_estimator.state.uploads import CheckpointUploadError
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("TORCH_TPU_ESTIMATOR_LEASE_SECONDS", "1")  # not released in the outage
+    monkeypatch.setattr(stores, "_OBJECT_STORES", {})  # a client for this server
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    fs.mkdir("outage")
+    upload = stores.ObjectStore.upload
+
+    def upload_during_an_outage(self, local, path, last=None):
+        if path.endswith("model.ckpt-4.pt"):
+            server.stop()
+        upload(self, local, path, last)
+
+    monkeypatch.setattr(stores.ObjectStore, "upload", upload_during_an_outage)
+    estimator = make_estimator("s3://outage/run", iterations_per_loop=2, save_checkpoints_steps=2)
+    try:
+        with pytest.raises(CheckpointUploadError, match="publishing the checkpoint of step 4"):
+            estimator.train(input_fn, steps=6)
+    finally:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+    try:
+        index = json.loads(fs.cat_file("s3://outage/run/checkpoint.json"))
+        assert index["checkpoints"] == ["model.ckpt-2.pt"]
+        monkeypatch.setattr(stores.ObjectStore, "upload", upload)
+        time.sleep(1.1)  # the lease could not be marked released: it lapses
+        estimator.train(input_fn, steps=4)  # resumes from step 2, once the server is back
+        assert estimator.latest_checkpoint() == "s3://outage/run/model.ckpt-6.pt"
+    finally:
+        server.stop()

@@ -99,9 +99,9 @@ class Lease:
                 self.store.publish(self._path(self.generation), self._record())
             except ModelDirInUseError:
                 return
-            except OSError as error:  # a store that is down: try again, the lease may hold
-                logger.warning("model_dir %s: could not renew the lease (%s)", self.model_dir,
-                               error)
+            except Exception as error:  # a store that is down: try again, the lease may hold
+                logger.warning("model_dir %s: could not renew the lease (%s: %s)",
+                               self.model_dir, type(error).__name__, error)
 
     def check(self) -> None:
         """Raises ModelDirInUseError when another trainer has taken the lease since."""
@@ -122,8 +122,12 @@ class Lease:
         if self._renewer is not None:
             self._renewer.join()
         if self.generation is not None and self.lost is None:
-            with contextlib.suppress(OSError):
+            try:
                 self.store.publish(self._path(self.generation), self._record(released=True))
+            except Exception as error:  # never over the error that ends the run, if any
+                logger.warning("model_dir %s: could not release the lease (%s: %s); it "
+                               "expires %g s after its last renewal", self.model_dir,
+                               type(error).__name__, error, self.seconds)
 
 
 def _number(value: Any) -> float:
