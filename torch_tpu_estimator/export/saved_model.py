@@ -210,16 +210,23 @@ def _fsync_tree(directory: str) -> None:
 
 def _publish_to_store(export_dir_base: str, write: Callable[[str], None]) -> str:
     """An export into a bucket: written locally as always (_publish), then uploaded under a
-    `<unix seconds>` name later than every export there, its signature last: a reader takes a
-    folder for an export once its signature is there, so a killed upload is never read."""
+    `<unix seconds>` name later than every export there, claimed by a conditional create (two
+    exporters never share one), its signature last: a reader takes a folder for an export once
+    its signature is there, so a killed upload is never read."""
     store = store_for(export_dir_base)
     with tempfile.TemporaryDirectory() as staging:
         local = _publish(staging, write)
         stamps = [int(name) for name in store.listdir(export_dir_base) if is_number_name(name)]
-        final = store.join(export_dir_base, str(max([int(os.path.basename(local)), *[
-            stamp + 1 for stamp in stamps]])))
+        stamp = max([int(os.path.basename(local)), *[stamp + 1 for stamp in stamps]])
+        while not store.create_new(store.join(store.join(export_dir_base, str(stamp)),
+                                              _CLAIM_NAME), b""):
+            stamp += 1
+        final = store.join(export_dir_base, str(stamp))
         store.upload(local, final, last=SIGNATURE_NAME)
     return final
+
+
+_CLAIM_NAME = ".claimed"  # in a bucket's export: taken by one exporter before it uploads
 
 
 def _publish(export_dir_base: str, write: Callable[[str], None]) -> str:
