@@ -144,14 +144,20 @@ def test_a_url_of_a_store_this_machine_cannot_reach_is_refused_before_any_work(t
 
 
 def test_export_warm_start_inspect_and_train_and_evaluate_with_a_bucket(tmp_path, bucket, capsys):
-    from torch_tpu_estimator import load_exported, train_and_evaluate
+    from torch_tpu_estimator import KeepBestCheckpoint, load_exported, train_and_evaluate
     from torch_tpu_estimator.cli.main import main as cli
 
     local = make_estimator(tmp_path / "run")
     remote = make_estimator(f"{bucket}/run")
     histories = [train_and_evaluate(estimator, input_fn, input_fn, max_steps=8,
-                                    steps_between_evals=4) for estimator in (local, remote)]
+                                    steps_between_evals=4, eval_hooks=[KeepBestCheckpoint(best)])
+                 for estimator, best in ((local, str(tmp_path / "best")),
+                                         (remote, f"{bucket}/best"))]
     assert histories[0] == histories[1]
+    best = json.loads(s3().cat_file(f"{bucket}/best/best.json"))
+    assert best == json.loads((tmp_path / "best" / "best.json").read_text())
+    assert s3().cat_file(f"{bucket}/best/{best['checkpoint']}") == \
+        (tmp_path / "best" / best["checkpoint"]).read_bytes()
 
     features = make_data(5).tensors[0]
     local_export = load_exported(local.export_saved_model(tmp_path / "exports", features[:2]))
@@ -284,3 +290,22 @@ def test_the_server_stopped_mid_upload_is_a_clear_error_and_publishes_nothing(
         assert estimator.latest_checkpoint() == "s3://outage/run/model.ckpt-6.pt"
     finally:
         server.stop()
+
+
+def test_only_the_latest_local_copies_of_a_buckets_checkpoints_stay_on_disk(bucket):
+    import os
+
+    from torch_tpu_estimator.state.stores import KEPT_COPIES, ObjectStore
+
+    store = ObjectStore(bucket)
+    for step in range(KEPT_COPIES + 2):
+        s3().pipe_file(f"{bucket}/run/model.ckpt-{step}.pt", f"weights {step}".encode())
+    copies = [store.local_copy(f"{bucket}/run/model.ckpt-{step}.pt")
+              for step in range(KEPT_COPIES + 2)]
+    assert [os.path.exists(copy) for copy in copies] == [False, False] + [True] * KEPT_COPIES
+    again = store.local_copy(f"{bucket}/run/model.ckpt-0.pt")  # downloaded again when asked
+    assert open(again, "rb").read() == b"weights 0"
+    served = store.local_copy(f"{bucket}/run/model.ckpt-1.pt", pinned=True)
+    for step in range(KEPT_COPIES + 2):
+        store.local_copy(f"{bucket}/run/model.ckpt-{step}.pt")
+    assert os.path.exists(served)  # an export being served is never removed under it

@@ -39,6 +39,15 @@ def signalling_model_fn(model, features, labels, mode, params):
         os.kill(launcher, signal.SIGTERM)
     return model_fn(model, features, labels, mode, params)
 
+if os.environ.get("SLOW_UPLOAD_SECONDS"):  # a bucket far away: each upload takes this long
+    import time
+    from torch_tpu_estimator.state.stores import ObjectStore
+    upload = ObjectStore.upload
+    def slow_upload(self, *args, **kwargs):
+        time.sleep(float(os.environ["SLOW_UPLOAD_SECONDS"]))
+        upload(self, *args, **kwargs)
+    ObjectStore.upload = slow_upload
+
 gloo = {"use_tpu": False, "num_shards": 2} if layout == "gloo2" else {}
 estimator = make_estimator(model_dir, fn=signalling_model_fn, optimizer_fn=adam_with_schedule,
                            dropout=0.3, iterations_per_loop=3, save_checkpoints_steps=None,
@@ -49,15 +58,19 @@ print(json.dumps({"steps_run": counter.steps}))
 """
 
 
-def _train(model_dir, layout: str, term_at: str) -> subprocess.CompletedProcess:
+def _train(model_dir, layout: str, term_at: str, **environment) -> subprocess.CompletedProcess:
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1",
-               PYTHONPATH=os.path.dirname(__file__))
+               PYTHONPATH=os.path.dirname(__file__), **environment)
     return subprocess.run([sys.executable, "-c", TRAIN, str(model_dir), layout, term_at],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
 def _final_state(model_dir) -> dict:
-    return torch.load(os.path.join(model_dir, "model.ckpt-17.pt"), weights_only=True)
+    """The checkpoint of step 17 in model_dir (a folder, or a bucket's URL)."""
+    import fsspec
+
+    with fsspec.open(f"{model_dir}/model.ckpt-17.pt", "rb") as handle:
+        return torch.load(handle, weights_only=True)
 
 
 
@@ -133,3 +146,24 @@ def test_a_hung_replica_ends_the_job_after_the_timeout_naming_it(tmp_path, how):
         assert "its process is stopped (SIGSTOP or a debugger)" in outcome["error"]
     assert outcome["children"] == []
     assert 8 <= outcome["seconds"] < 60 and time.monotonic() - started < 120
+
+
+def test_sigterm_while_a_checkpoint_uploads_publishes_it_before_exiting(tmp_path, bucket):
+    """model_dir in a bucket whose uploads take 2 s: SIGTERM in step 8 -> the checkpoint of
+    step 8 is uploaded and listed before the process exits; the restart ends bit for bit."""
+    import fsspec
+
+    uninterrupted = _train(tmp_path / "uninterrupted", "xla", "never")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    model_dir = f"{bucket}/terminated"
+    terminated = _train(model_dir, "xla", "8", SLOW_UPLOAD_SECONDS="2")
+    assert terminated.returncode == 128 + signal.SIGTERM, terminated.stderr[-3000:]
+    index = json.loads(fsspec.filesystem("s3", skip_instance_cache=True).cat_file(
+        f"{model_dir}/checkpoint.json"))
+    assert index["checkpoints"] == ["model.ckpt-8.pt"]
+
+    restarted = _train(model_dir, "xla", "never")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    resumed, expected = _final_state(model_dir), _final_state(tmp_path / "uninterrupted")
+    for key in ("global_step", "model", "update", "input"):
+        assert same_values(resumed[key], expected[key]), key

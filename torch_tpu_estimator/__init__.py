@@ -14,6 +14,7 @@ from .common.version import __version__ as __version__
 
 _EXPORTS = {
     "CheckpointSaverListener": "api.hooks",
+    "CheckpointUploadError": "state.uploads",
     "DatasetConfig": "api.config",
     "EarlyStopping": "schedule",
     "EstimatorSpec": "api.spec",

@@ -19,12 +19,12 @@ from .api.checks import (
     checked_batch_sizes,
     checked_export_arguments,
     checked_params,
+    require_batch_sizes,
     require_callable,
-    require_divisible,
     require_positive_int_if_given,
     resolved_model_dir,
 )
-from .api.config import InputPipelineConfig, RunConfig
+from .api.config import RunConfig
 from .api.hooks import Hook, require_hooks
 from .api.job import InputFn, Job, ModelInitFn, OptimizerFn
 from .api.spec import ModeKeys
@@ -46,18 +46,33 @@ _MODE_NAMES = {ModeKeys.TRAIN: "train", ModeKeys.EVAL: "eval", ModeKeys.PREDICT:
 
 
 class TPUEstimator:
-    """Trains a model_fn on XLA devices (use_tpu=True) or plain PyTorch (use_tpu=False).
+    """Trains, evaluates, predicts with and exports a model_fn, on XLA devices or plain PyTorch.
 
-    model_fn's arguments are bound by name (binding.py): `features`, `labels`, `mode`,
-    `params`, `config`, `model` (the module built by model_init_fn) and `update` (the update
-    step, update.py); it returns a TPUEstimatorSpec. model_init_fn(params) builds the
-    torch.nn.Module once per replica; optimizer_fn(model, params) returns an optimizer,
-    (optimizer, lr_scheduler), or a dict of name -> either. Batch sizes are global:
-    `params["batch_size"]` holds the batch model_fn traces (the per-replica batch with one
-    process per replica; the global batch on an SPMD mesh; one micro-batch with gradient
-    accumulation) and the per-input-pipeline batch in input_fn. `export_to_tpu` is accepted
-    for ported code and has no effect: an export is XLA HLO, which serves on any XLA device,
-    TPU included.
+    Batch sizes are global: `params["batch_size"]` holds the batch model_fn traces (the
+    per-replica batch with one process per replica; the global batch on an SPMD mesh; one
+    micro-batch with gradient accumulation) and the per-input-pipeline batch in input_fn.
+
+    Args:
+        model_fn: one step of the model: called with any of `features`, `labels`, `mode`,
+            `params`, `config`, `model` (the module) and `update` (the update step), bound by
+            name; returns a TPUEstimatorSpec.
+        model_dir: where checkpoints, event files and run.json go: a local folder or an fsspec
+            URL (`gs://...`). Defaults to RunConfig.model_dir, else a new temporary folder.
+        config: the RunConfig (RunConfig() when None).
+        params: handed to model_fn and input_fn, with `batch_size` and `context` added.
+        use_tpu: True runs on XLA devices (TPU; XLA:CPU here); False on plain PyTorch.
+        train_batch_size: the global training batch; the replica count must divide it.
+        eval_batch_size: the global evaluation batch.
+        predict_batch_size: the global prediction batch.
+        batch_axis: accepted for TF code: 0 only (tensors split along their first dimension).
+        eval_on_tpu: False evaluates on plain PyTorch on the host.
+        warm_start_from: a checkpoint, a model_dir or WarmStartSettings whose weights start a
+            new run (an empty model_dir).
+        export_to_tpu: accepted for ported code, no effect: an export is XLA HLO, which serves
+            on any XLA device, TPU included.
+        model_init_fn: model_init_fn(params) builds the torch.nn.Module, once per replica.
+        optimizer_fn: optimizer_fn(model, params) returns an optimizer, (optimizer,
+            lr_scheduler), or a dict of name -> either. Needed to train.
     """
 
     def __init__(
@@ -98,26 +113,13 @@ class TPUEstimator:
         self._eval_launcher = self._launcher if eval_on_tpu else TorchLauncher(
             timeout_secs=config.tpu_config.replica_timeout_secs)
         topology = self._launcher.topology
-        if config.tpu_config.input_mode == InputPipelineConfig.PER_HOST_V2 and \
-                topology.one_program and topology.num_replicas > 1:
-            raise ValueError(
-                f"per_host_input_for_training=PER_HOST_V2 cannot be honoured on an SPMD mesh of "
-                f"{topology.num_replicas} devices: it would call input_fn once for several "
-                "replicas with one replica's batch. Use PER_HOST_V1 (True: one call with the "
-                "global batch) or PER_SHARD_V1 (False: one call per replica)")
-        accumulation = config.update_config.accumulation_steps
-        batch_sizes = {}
-        for mode, size in ((ModeKeys.TRAIN, train_batch_size), (ModeKeys.EVAL, eval_batch_size),
-                           (ModeKeys.PREDICT, predict_batch_size)):
-            name = f"{_MODE_NAMES[mode]}_batch_size"
-            require_positive_int_if_given(name, size)
-            topology = self._eval_launcher.topology if mode == ModeKeys.EVAL else \
-                self._launcher.topology
-            require_divisible(name, size, topology.num_replicas)
-            if mode == ModeKeys.TRAIN and accumulation > 1:
-                require_divisible(name, size, topology.num_replicas * accumulation,
-                                 "replicas x UpdateConfig.accumulation_steps")
-            batch_sizes[mode] = size
+        config.tpu_config.require_input_fits(topology.num_replicas, topology.one_program)
+        batch_sizes = {ModeKeys.TRAIN: train_batch_size, ModeKeys.EVAL: eval_batch_size,
+                       ModeKeys.PREDICT: predict_batch_size}
+        require_batch_sizes({f"{_MODE_NAMES[mode]}_batch_size": (size, (
+            self._eval_launcher if mode == ModeKeys.EVAL else self._launcher
+        ).topology.num_replicas) for mode, size in batch_sizes.items()},
+            config.update_config.accumulation_steps)
         self._model_dir = resolved_model_dir(model_dir, config.model_dir)
         self._config = config.replace(model_dir=self._model_dir)
         self._job = Job(model_fn=model_fn_binding, model_init_fn=model_init_fn,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Sequence
 
 from .api.checks import require_positive_int
@@ -15,7 +13,7 @@ from .api.hooks import Hook, RunContext, require_hooks
 from .api.job import InputFn
 from .api.spec import ModeKeys
 from .estimator import TPUEstimator
-from .state.files import atomic_directory, atomic_write
+from .state.stores import store_for
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -28,7 +26,14 @@ def _improves(value: float, best: float | None, higher_is_better: bool, min_delt
 
 class KeepBestCheckpoint(Hook):
     """Copies the checkpoint with the best `metric` so far into `directory`, with `best.json`
-    naming it and its eval results (so keep_checkpoint_max never deletes the best one)."""
+    naming it and its eval results (so keep_checkpoint_max never deletes the best one).
+
+    Args:
+        directory: where the best checkpoint goes: a local folder or an fsspec URL.
+        metric: the eval result compared.
+        higher_is_better: True when a larger `metric` is better (accuracy), False when a
+            smaller one is (loss).
+    """
 
     def __init__(self, directory: str, metric: str = "loss", higher_is_better: bool = False):
         self.directory, self.metric, self.higher_is_better = directory, metric, higher_is_better
@@ -44,24 +49,26 @@ class KeepBestCheckpoint(Hook):
         self.best = results[self.metric]
         if not context.is_chief:  # under torchrun every rank evaluates; rank 0 writes
             return
-        os.makedirs(self.directory, exist_ok=True)
-        target = os.path.join(self.directory, os.path.basename(checkpoint_path))
-        if os.path.isdir(checkpoint_path):  # a sharded checkpoint, published whole or not at all
-            if not os.path.exists(target):
-                atomic_directory(target, lambda temporary: shutil.copytree(
-                    checkpoint_path, temporary, dirs_exist_ok=True))
-        else:
-            with open(checkpoint_path, "rb") as source:
-                atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
-        record = json.dumps({"checkpoint": os.path.basename(target), "results": results})
-        atomic_write(os.path.join(self.directory, "best.json"),
-                     lambda handle: handle.write(record.encode()))
+        store = store_for(self.directory)  # each of the two may be a bucket
+        store.makedirs(self.directory)
+        name = store_for(checkpoint_path).basename(checkpoint_path)
+        target = store.join(self.directory, name)
+        store.copy_in(store_for(checkpoint_path).local_copy(checkpoint_path), target)
+        record = json.dumps({"checkpoint": name, "results": results})
+        store.publish(store.join(self.directory, "best.json"), record.encode())
         logger.info("New best %s = %.6g: kept %s", self.metric, self.best, target)
 
 
 class EarlyStopping(Hook):
     """Stops train_and_evaluate when `metric` has not improved by `min_delta` for `patience`
-    evaluations in a row."""
+    evaluations in a row.
+
+    Args:
+        metric: the eval result watched.
+        higher_is_better: True when a larger `metric` is better, False when a smaller one is.
+        patience: evaluations in a row without improvement that stop the run (>= 1).
+        min_delta: the least change that counts as an improvement.
+    """
 
     def __init__(self, metric: str = "loss", higher_is_better: bool = False, patience: int = 3,
                  min_delta: float = 0.0):
@@ -95,7 +102,22 @@ def train_and_evaluate(
     eval_hooks: Sequence[Hook] = (),
 ) -> list[dict[str, float]]:
     """Alternates `steps_between_evals` training steps and one evaluation until `max_steps` or an
-    eval hook requests a stop in `after_evaluation`; returns every evaluation's results."""
+    eval hook requests a stop in `after_evaluation`.
+
+    Args:
+        estimator: the TPUEstimator to train and evaluate.
+        train_input_fn: the training input_fn.
+        eval_input_fn: the evaluation input_fn.
+        max_steps: the global step at which training ends.
+        steps_between_evals: training steps between two evaluations.
+        eval_steps: steps per evaluation (None: the whole evaluation input).
+        eval_name: the evaluation's name (events in `eval_<name>`).
+        eval_hooks: hooks of every evaluation; their `after_evaluation` sees the results and
+            may request a stop (EarlyStopping, KeepBestCheckpoint).
+
+    Returns:
+        Every evaluation's results, in order.
+    """
     require_positive_int("max_steps", max_steps, optional=False)
     require_positive_int("steps_between_evals", steps_between_evals, optional=False)
     eval_hooks = require_hooks("eval_hooks", eval_hooks)

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..common.paths import checked_url, is_url, relative_inside
+from ..common.paths import checked_url, is_url, local_path, relative_inside
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -91,6 +91,17 @@ def require_divisible(name: str, size: int | None, count: int, what: str = "repl
         raise ValueError(f"{name}={size} is not divisible by the number of {what} ({count})")
 
 
+def require_batch_sizes(sizes: Mapping[str, tuple[int | None, int]], accumulation: int) -> None:
+    """Each batch size given ({name: (size, replicas)}) is a positive int its replica count
+    divides; the training batch, the replica count times the accumulation steps."""
+    for name, (size, replicas) in sizes.items():
+        require_positive_int_if_given(name, size)
+        require_divisible(name, size, replicas)
+        if name == "train_batch_size" and accumulation > 1:
+            require_divisible(name, size, replicas * accumulation,
+                              "replicas x UpdateConfig.accumulation_steps")
+
+
 def checked_export_arguments(export_dir_base: Any, as_tf_saved_model: Any, as_text: Any,
                              weights_dtype: Any) -> str:
     """export_saved_model's export_dir_base as a str, once its other arguments are checked."""
@@ -101,8 +112,11 @@ def checked_export_arguments(export_dir_base: Any, as_tf_saved_model: Any, as_te
     export_dir_base = os.fspath(export_dir_base)
     if is_url(export_dir_base):
         export_dir_base = checked_url(export_dir_base, "export_dir_base")
-    elif os.path.exists(export_dir_base) and not os.path.isdir(export_dir_base):
-        raise ValueError(f"export_dir_base {export_dir_base!r} exists and is not a directory")
+    else:
+        export_dir_base = local_path(export_dir_base)
+        if os.path.exists(export_dir_base) and not os.path.isdir(export_dir_base):
+            raise ValueError(f"export_dir_base {export_dir_base!r} exists and is not a "
+                             "directory")
     if not isinstance(as_tf_saved_model, bool) or not isinstance(as_text, bool):
         raise TypeError("as_tf_saved_model and as_text must be bools")
     if weights_dtype is not None and weights_dtype not in (torch.float32, torch.float16,
@@ -123,6 +137,8 @@ def resolved_model_dir(model_dir: str | None, config_model_dir: str | None) -> s
     resolved = model_dir or config_model_dir
     if resolved is not None and is_url(resolved):  # a bucket: checked, nothing created yet
         return checked_url(resolved, "model_dir")
+    if resolved is not None:
+        resolved = local_path(resolved)  # file:///x is /x
     if resolved is not None and os.path.islink(resolved) and not os.path.exists(resolved):
         raise ValueError(f"model_dir {resolved!r} is a symbolic link to "
                          f"{os.readlink(resolved)!r}, which does not exist")

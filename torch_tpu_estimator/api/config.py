@@ -23,15 +23,16 @@ PROGRESS_STYLES = ("auto", "bar", "log", "off")
 class DatasetConfig:
     """How the estimator batches what input_fn returns.
 
-    shuffle: reshuffle a map-style Dataset's training examples every pass, seeded by
-      `RunConfig.seed` and the pass number, so a resumed run sees the same order. Eval and
-      predict never shuffle.
-    num_workers: DataLoader worker processes for that batching.
-    num_epochs: passes over the training data, counted since the model_dir's first step (as
-      max_steps counts steps): training ends after that many, or at the step limit if one
-      comes first. None repeats the data until the step limit; with no step limit either
-      (train(input_fn) alone), each train() call reads to the end of one pass, as TF's
-      Estimator does with a Dataset that is not repeated.
+    Attributes:
+        shuffle: reshuffle a map-style Dataset's training examples every pass, seeded by
+            `RunConfig.seed` and the pass number, so a resumed run sees the same order. Eval and
+            predict never shuffle.
+        num_workers: DataLoader worker processes for that batching.
+        num_epochs: passes over the training data, counted since the model_dir's first step (as
+            max_steps counts steps): training ends after that many, or at the step limit if one comes
+            first. None repeats the data until the step limit; with no step limit either
+            (train(input_fn) alone), each train() call reads to the end of one pass, as TF's Estimator
+            does with a Dataset that is not repeated.
     """
 
     shuffle: bool = True
@@ -52,23 +53,24 @@ class DatasetConfig:
 class UpdateConfig:
     """How the estimator's training update is built (update.py).
 
-    clip_global_norm: clips the gradients of each optimizer's parameters to this global L2
-      norm, after they are averaged over replicas (tf.clip_by_global_norm).
-    accumulation_steps: k > 1 splits every global batch into k micro-batches, runs model_fn and
-      backward on each inside one compiled step, and updates once with their mean gradient:
-      the update of one batch of train_batch_size, in k times less activation memory.
-      train_batch_size must divide by k times the replica count.
-    ema_decay: keeps an exponential moving average of the weights, updated after every step
-      (ema = decay * ema + (1 - decay) * weights) and stored in checkpoints.
-    ema_for_inference: evaluate, predict and export use the averaged weights when ema_decay
-      is set.
-    flat_optimizer: on XLA, a torch Adam or AdamW with plain options is stepped over one flat
-      buffer per parameter group (flat_update.py) in a handful of traced ops instead of a chain
-      per parameter (about 2x the steps/s of a small model): torch's formula op for op, bit
-      for bit plain Adam's numbers; with clipping or AdamW's decay XLA fuses differently, a
-      float32 rounding apart per step (README, Speed). What it does not cover (a parameter
-      replaced or without a gradient, groups added, parameters shared by two optimizers) it
-      hands to torch's own step, exactly, with a log line. False keeps torch's own step.
+    Attributes:
+        clip_global_norm: clips the gradients of each optimizer's parameters to this global L2 norm,
+            after they are averaged over replicas (tf.clip_by_global_norm).
+        accumulation_steps: k > 1 splits every global batch into k micro-batches, runs model_fn and
+            backward on each inside one compiled step, and updates once with their mean gradient: the
+            update of one batch of train_batch_size, in k times less activation memory.
+            train_batch_size must divide by k times the replica count.
+        ema_decay: keeps an exponential moving average of the weights, updated after every step (ema =
+            decay * ema + (1 - decay) * weights) and stored in checkpoints.
+        ema_for_inference: evaluate, predict and export use the averaged weights when ema_decay is
+            set.
+        flat_optimizer: on XLA, a torch Adam or AdamW with plain options is stepped over one flat
+            buffer per parameter group (flat_update.py) in a handful of traced ops instead of a chain
+            per parameter (about 2x the steps/s of a small model): torch's formula op for op, bit for
+            bit plain Adam's numbers; with clipping or AdamW's decay XLA fuses differently, a float32
+            rounding apart per step (README, Speed). What it does not cover (a parameter replaced or
+            without a gradient, groups added, parameters shared by two optimizers) it hands to torch's
+            own step, exactly, with a log line. False keeps torch's own step.
     """
 
     clip_global_norm: float | None = None
@@ -99,16 +101,30 @@ class RunConfig:
     """Where a run writes and how often (checkpoints, summaries, logs), the seed, and how
     replicas, input and the update step are set up.
 
-    save_checkpoints_steps / save_checkpoints_secs: a checkpoint at the first window end when
-      that many steps, or seconds, have passed since the last one (both may be set: whichever
-      comes first), and one at the end of train().
-    keep_checkpoint_max: the newest kept; keep_checkpoint_every_n_hours also keeps, for good,
-      one checkpoint per that many hours of the run, as TF's Saver does.
-    progress: how long calls show their progress (progress.py): "auto" (a bar on a terminal,
-      log lines otherwise), "bar", "log" or "off".
     TF arguments that configure graphs and sessions (session_config, cluster, master, ...) are
     accepted so that a ported script runs, with a one-time warning that they are ignored;
     tf_random_seed is TF's name for seed.
+
+    Attributes:
+        model_dir: where checkpoints, event files and run.json go: a local folder or an fsspec URL
+            (`gs://...`, `s3://...`). None: the estimator's own, or a new temporary folder.
+        save_checkpoints_steps: a checkpoint at the first window end once this many steps have passed
+            since the last one, and one at the end of train(). None: by time only, or at the end only.
+        save_checkpoints_secs: a checkpoint at the first window end once this many seconds have passed
+            since the last one (with save_checkpoints_steps, whichever comes first).
+        keep_checkpoint_max: how many of the newest checkpoints are kept (None: all).
+        keep_checkpoint_every_n_hours: also keeps, for good, one checkpoint per this many hours of the
+            run, as TF's Saver does.
+        log_step_count_steps: logs the loss and steps/s every this many steps (None: never).
+        save_summary_steps: writes the training scalars to TensorBoard every this many steps (None:
+            never).
+        seed: seeds the model's initialization, dropout and every random draw of the input, so that a
+            run and its resumption draw the same numbers.
+        tpu_config: how replicas run (TPUConfig).
+        dataset_config: how input_fn's examples are batched (DatasetConfig).
+        update_config: how the training update is built (UpdateConfig).
+        progress: how calls show their progress: "auto" (a bar on a terminal, log lines otherwise),
+            "bar", "log" or "off".
     """
 
     model_dir: str | None = None

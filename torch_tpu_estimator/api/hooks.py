@@ -29,17 +29,26 @@ class NanLossDuringTrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class Window:
-    """What one window of steps produced, read back to the host once."""
+    """What one window of steps produced, read back to the host once.
 
-    first_step: int  # global step before the window's first step
-    last_step: int  # global step after the window's last step
-    losses: np.ndarray  # TRAIN: one loss per step, replica mean; EVAL: one per real example
+    Attributes:
+        first_step: the global step before the window's first step.
+        last_step: the global step after the window's last step.
+        losses: TRAIN: one loss per step, the replicas' mean; EVAL: one per real example.
+        seconds: the window's wall time.
+        examples: the global examples the window consumed.
+        group_learning_rates: TRAIN: one mapping per step, every parameter group's rate by
+            "<optimizer>/<group index>".
+        scalars: TRAIN: the update step's named scalars (the gradient norm before clipping),
+            one value per step, the replicas' mean; NaN in a step that did not compute it.
+    """
+
+    first_step: int
+    last_step: int
+    losses: np.ndarray
     seconds: float
-    examples: int  # global examples consumed in the window
-    # TRAIN: one per step, every parameter group's rate as "<optimizer>/<group index>"
+    examples: int
     group_learning_rates: Sequence[Mapping[str, float]] = ()
-    # TRAIN: the update step's named scalars (the gradient norm before clipping), one value per
-    # step, replica mean; NaN in a step that did not compute it
     scalars: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
@@ -55,17 +64,28 @@ class Window:
 
 @dataclasses.dataclass
 class RunContext:
-    """What hooks may read, and their way to end the run at the next window end."""
+    """What hooks may read, and their way to end the run at the next window end.
+
+    Attributes:
+        mode: the call's ModeKeys value ("train", "eval" or "infer").
+        global_step: the global step, kept current at every window end.
+        is_chief: whether this process is the chief replica (the one that writes).
+        model_dir: the run's model_dir (a folder or a URL).
+        stop_requested: set by request_stop(): the run ends at the next window end.
+        total_steps: train: the steps this call will run, when known.
+        total_examples: evaluate, predict: the examples to read, when known.
+    """
 
     mode: str
     global_step: int
     is_chief: bool
     model_dir: str | None
     stop_requested: bool = False
-    total_steps: int | None = None  # train: the steps this call will run, when known
-    total_examples: int | None = None  # evaluate, predict: the examples to read, when known
+    total_steps: int | None = None
+    total_examples: int | None = None
 
     def request_stop(self) -> None:
+        """Ends the run at the next window end (after that window's checkpoint, if due)."""
         self.stop_requested = True
 
 
@@ -103,7 +123,12 @@ class CheckpointSaverListener(Hook):
 
 
 class StopAtStepHook(Hook):
-    """Stops after `num_steps` more steps, or at global step `last_step`."""
+    """Stops after `num_steps` more steps, or at global step `last_step` (TF's hook).
+
+    Args:
+        num_steps: how many steps this call runs before it stops (counted from its start).
+        last_step: the global step at which to stop. Give exactly one of the two.
+    """
 
     def __init__(self, num_steps: int | None = None, last_step: int | None = None):
         if (num_steps is None) == (last_step is None):
@@ -159,7 +184,12 @@ class LossHistory(Hook):
 
 
 class LoggingHook(Hook):
-    """Logs `loss = …, step = …` and the step and example rates, as TF does, on the chief."""
+    """Logs `loss = …, step = …` and the step and example rates, as TF does, on the chief.
+
+    Args:
+        every_n_steps: logs at the first window end once this many steps have passed since
+            the last log.
+    """
 
     def __init__(self, every_n_steps: int):
         self.every_n_steps = every_n_steps

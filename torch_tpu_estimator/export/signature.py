@@ -208,4 +208,4 @@ def _newest_export_in_store(path: str) -> str:
             raise ValueError(f"no export at {path!r}: it has no {SIGNATURE_NAME} and no "
                              "timestamped export whose upload finished")
         path = store.join(path, max(stamps, key=int))
-    return store.local_copy(path)
+    return store.local_copy(path, pinned=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..common.paths import checked_url, is_url, local_path, relative_inside
 from . import storage
-from .files import atomic_write, sha256
+from .files import atomic_directory, atomic_write, sha256
 
 
 class LocalStore:
@@ -84,6 +84,17 @@ class LocalStore:
         its SHA-256 and what is left to do to publish it: nothing."""
         return storage.write(local_path(path), tree, to_host), lambda: None
 
+    def copy_in(self, local: str, path: str) -> None:
+        """Copies a local file or folder to `path`, published whole (a rename); an existing
+        folder at `path` is kept (a checkpoint's name holds one content)."""
+        if os.path.isdir(local):
+            if not os.path.exists(local_path(path)):
+                atomic_directory(local_path(path), lambda temporary: shutil.copytree(
+                    local, temporary, dirs_exist_ok=True))
+            return
+        with open(local, "rb") as source:
+            atomic_write(local_path(path), lambda handle: shutil.copyfileobj(source, handle))
+
     def remove(self, path: str) -> None:
         path = local_path(path)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) \
@@ -105,6 +116,9 @@ class LocalStore:
     def local_copy(self, path: str) -> str:
         """A local path to read `path` from: itself."""
         return local_path(path)
+
+
+KEPT_COPIES = 2  # local copies of a bucket's checkpoints or exports kept at once
 
 
 class ObjectStore:
@@ -195,6 +209,10 @@ class ObjectStore:
         for name in sorted(files, key=lambda name: name == last):
             self.fs.put_file(os.path.join(local, name), self.join(path, name.replace(os.sep, "/")))
 
+    def copy_in(self, local: str, path: str) -> None:
+        """Uploads a local file or folder to `path`, each object whole."""
+        self.upload(local, path)
+
     def create_new(self, path: str, data: bytes) -> bool:
         """Creates the object at `path` holding `data` unless one exists (False then), as one
         conditional PUT: of two creators, exactly one succeeds."""
@@ -220,13 +238,19 @@ class ObjectStore:
     def sha256(self, path: str) -> str:
         return sha256(self.local_copy(path))
 
-    def local_copy(self, path: str) -> str:
+    def local_copy(self, path: str, pinned: bool = False) -> str:
         """A local copy of the object (or folder of objects) at `path`, downloaded once while
-        it stays the same; removed when the process exits."""
+        it stays the same. Of the copies not `pinned` (an export being served is), only the
+        KEPT_COPIES latest stay on disk (an evaluation per checkpoint would otherwise fill
+        TMPDIR); the rest go when the process exits."""
         identity = self.identity(path)
-        known = self._copies.get(path)
+        known = self._copies.pop(path, None)
         if known is not None and known[0] == identity and os.path.exists(known[1]):
+            self._copies[path] = known  # now the most recent
             return known[1]
+        while not pinned and len(self._copies) >= KEPT_COPIES:
+            _, old = self._copies.pop(next(iter(self._copies)))  # a mapped file stays readable
+            shutil.rmtree(os.path.dirname(old), ignore_errors=True)
         copy = os.path.join(tempfile.mkdtemp(dir=_scratch()), self.basename(path))
         if self.fs.isdir(path):
             root = self.fs._strip_protocol(path).rstrip("/") + "/"
@@ -236,7 +260,8 @@ class ObjectStore:
                 self.fs.get_file(self.join(path, name), os.path.join(copy, name))
         else:
             self.fs.get_file(path, copy)
-        self._copies[path] = (identity, copy)
+        if not pinned:
+            self._copies[path] = (identity, copy)
         return copy
 
 
@@ -257,14 +282,16 @@ def _scratch() -> str:
     return _SCRATCH[0]
 
 
-_OBJECT_STORES: dict[str, ObjectStore] = {}  # by protocol: one client and one copy cache each
+# by protocol and process: one client and one copy cache each (a forked replica makes its own:
+# a client's connections and event loop do not survive a fork)
+_OBJECT_STORES: dict[tuple[str, int], ObjectStore] = {}
 
 
 def store_for(path: str) -> LocalStore | ObjectStore:
     """The store that holds `path`: an ObjectStore for a URL, else the local file system."""
     if not is_url(path):
         return LocalStore()
-    protocol = path.split("://", 1)[0]
-    if protocol not in _OBJECT_STORES:
-        _OBJECT_STORES[protocol] = ObjectStore(path)
-    return _OBJECT_STORES[protocol]
+    key = (path.split("://", 1)[0], os.getpid())
+    if key not in _OBJECT_STORES:
+        _OBJECT_STORES[key] = ObjectStore(path)
+    return _OBJECT_STORES[key]
