@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 export PJRT_DEVICE ?= CPU
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint docs docs-serve bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,15 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check torch_tpu_estimator tests examples benchmarks
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/estimator_vs_hand_loop.py
 
 clean:
-	rm -rf runs exports .pytest_cache
+	rm -rf runs exports .pytest_cache site

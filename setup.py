@@ -39,9 +39,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # the S3 server the object-storage tests start on localhost, and its client
+        # the S3 server the object-storage tests start on localhost, and its client; the docs
         "dev": ["pytest", "pytest-xdist", "ruff", "tensorboard", "moto[server]>=5.0",
-                "s3fs>=2024.12"],
+                "s3fs>=2024.12", "mkdocs==1.6.1", "mkdocs-material==9.8.2",
+                "mkdocstrings-python==2.0.11"],
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings-python==2.0.11"],
         # model_dir and exports in buckets: fsspec's conditional create (the lease) is 2024.12+
         "buckets": ["fsspec>=2024.12", "s3fs>=2024.12", "gcsfs>=2024.12"],
         "examples": ["scikit-learn"],

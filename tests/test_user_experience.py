@@ -22,7 +22,7 @@ BLOCKS = re.findall(r"^```python\n(.*?)^```", README, re.M | re.S)
 
 
 def test_the_readme_has_python_blocks_to_run():
-    assert len(BLOCKS) >= 5
+    assert len(BLOCKS) >= 1  # the front page's example; the docs' pages: test_docs.py
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{index}" for index in range(len(BLOCKS))])

@@ -25,15 +25,23 @@ FnAndTensors = tuple  # (callable, list or dict of tensors)
 class TPUEstimatorSpec:
     """model_fn's answer on any runtime.
 
-    loss: scalar tensor (TRAIN and EVAL). In EVAL it may also be one value per example (a
-      `reduction="none"` loss), which makes the reported loss exact on a padded last batch;
-      a scalar loss is weighted by the batch's number of real examples.
-    eval_metrics: (metric_fn, tensors) run on the host over tensors gathered from every replica.
-    predictions: tensor or dict of tensors whose first axis is the batch (PREDICT).
-    host_call: (fn, tensors) run on the host at window ends in TRAIN, for custom summaries.
-    export_outputs: dict of output tensors for export; defaults to `predictions`.
     TF's `train_op` and `scaffold_fn` have no equivalent: giving one is a TypeError that says
     what to do instead.
+
+    Attributes:
+        mode: the ModeKeys value model_fn was called with.
+        loss: a scalar tensor (TRAIN and EVAL). In EVAL it may also be one value per example
+            (a `reduction="none"` loss), which makes the reported loss exact on a padded last
+            batch; a scalar loss is weighted by the batch's number of real examples.
+        predictions: a tensor or a dict of tensors whose first axis is the batch (PREDICT).
+        eval_metrics: (metric_fn, tensors): metric_fn runs on the host over the tensors
+            gathered from every replica, and returns {name: Metric}.
+        host_call: (fn, tensors): fn runs on the host at window ends in TRAIN, for custom
+            summaries (TPUConfig.experimental_host_call_every_n_steps).
+        export_outputs: a dict of the tensors an export serves; defaults to `predictions`.
+        training_hooks: Hooks added to this train() call.
+        evaluation_hooks: Hooks added to this evaluate() call.
+        prediction_hooks: Hooks added to this predict() call.
     """
 
     mode: str
@@ -58,8 +66,21 @@ class EstimatorSpec:
     TPUEstimatorSpec (ported code returns it where TF ran on the CPU, e.g. EVAL with
     `eval_on_tpu=False`).
 
-    The fields mean what they mean in TPUEstimatorSpec; TF's EstimatorSpec has no host_call,
-    so it is always None here (the loops read it from either spec).
+    TF's EstimatorSpec has no host_call, so it is always None here (the loops read it from
+    either spec).
+
+    Attributes:
+        mode: the ModeKeys value model_fn was called with.
+        loss: a scalar tensor (TRAIN and EVAL). In EVAL it may also be one value per example
+            (a `reduction="none"` loss), which makes the reported loss exact on a padded last
+            batch; a scalar loss is weighted by the batch's number of real examples.
+        predictions: a tensor or a dict of tensors whose first axis is the batch (PREDICT).
+        eval_metrics: (metric_fn, tensors): metric_fn runs on the host over the tensors
+            gathered from every replica, and returns {name: Metric}.
+        export_outputs: a dict of the tensors an export serves; defaults to `predictions`.
+        training_hooks: Hooks added to this train() call.
+        evaluation_hooks: Hooks added to this evaluate() call.
+        prediction_hooks: Hooks added to this predict() call.
     """
 
     mode: str

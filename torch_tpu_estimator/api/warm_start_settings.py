@@ -13,11 +13,12 @@ from typing import Any
 class WarmStartSettings:
     """Which weights of a new model come from which checkpoint.
 
-    ckpt_to_initialize_from: a checkpoint file, or a model_dir (its latest checkpoint).
-    vars_to_warm_start: the new model's weights to take, by state_dict name: a regular
-      expression (a full match; ".*", the default, takes all) or a list of names. None takes
-      only those named in var_name_to_prev_var_name.
-    var_name_to_prev_var_name: new name -> the name the checkpoint holds it under.
+    Attributes:
+        ckpt_to_initialize_from: a checkpoint file, or a model_dir (its latest checkpoint).
+        vars_to_warm_start: the new model's weights to take, by state_dict name: a regular expression
+            (a full match; ".*", the default, takes all) or a list of names. None takes only those
+            named in var_name_to_prev_var_name.
+        var_name_to_prev_var_name: new name -> the name the checkpoint holds it under.
     """
 
     ckpt_to_initialize_from: str

@@ -32,7 +32,12 @@ from .signature import (
 
 class ExportedModel:
     """An export directory as a callable: features in, predictions out, in the original form
-    (a dict of tensors, or one tensor when model_fn predicted one)."""
+    (a dict of tensors, or one tensor when model_fn predicted one).
+
+    Args:
+        export_dir: one export's local directory (load_exported also takes a URL or an
+            export_dir_base).
+    """
 
     def __init__(self, export_dir: str):
         self.export_dir = export_dir
@@ -120,5 +125,13 @@ class ExportedModel:
 
 
 def load_exported(path: str) -> ExportedModel:
-    """The export at `path`, or the newest export under an `export_dir_base`, as a callable."""
+    """The export at `path`, or the newest export under an `export_dir_base`, as a callable.
+
+    Args:
+        path: an export directory or an export_dir_base: a local path or an fsspec URL (a
+            bucket's export is served from a local copy).
+
+    Returns:
+        The ExportedModel: call it with features to get predictions.
+    """
     return ExportedModel(newest_export(os.fspath(path)))

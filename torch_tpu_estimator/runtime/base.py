@@ -70,12 +70,17 @@ class Topology:
 class ReplicaContext:
     """What `params["context"]` tells input_fn and model_fn about where they run.
 
-    replica_id / num_replicas: this replica and the replicas that share one global batch.
-    input_pipeline_id / num_input_pipelines: which of the job's distinct input_fn streams this
-      call feeds. Per-host input has one stream (the estimator shards it); per-replica input has
-      one per replica, and input_fn must shard the data itself by input_pipeline_id.
-    mesh: on an SPMD mesh, the torch_xla.distributed.spmd.Mesh, for the user's own
-      xs.mark_sharding annotations (TPUConfig(param_sharding="manual")); else None.
+    Attributes:
+        replica_id: this replica, 0 to num_replicas - 1 (0 is the chief).
+        num_replicas: the replicas that share one global batch.
+        input_pipeline_id: which of the job's distinct input_fn streams this call feeds.
+            Per-host input has one stream (the estimator shards it); per-replica input has one
+            per replica, and input_fn must shard the data itself by input_pipeline_id.
+        num_input_pipelines: how many distinct input_fn streams the job has.
+        device: the device this replica computes on, as a string ("xla:0", "cpu").
+        mode: the ModeKeys value of the call ("" outside one).
+        mesh: on an SPMD mesh, the torch_xla.distributed.spmd.Mesh, for the user's own
+            xs.mark_sharding annotations (TPUConfig(param_sharding="manual")); else None.
     """
 
     replica_id: int

@@ -1,29 +1,4 @@
-"""The update step: what happens to the weights after model_fn, built in or in model_fn's hands.
-
-Built in (UpdateConfig): zero the gradients, backward, average them over replicas, clip them by
-global norm, step the optimizer and its LR scheduler, update the EMA of the weights; with
-`accumulation_steps=k`, k micro-batches run inside one compiled step before the one update.
-
-Manual (TF's `train_op` role): a model_fn that takes an argument named `update` may run the
-update itself, with as many optimizers as optimizer_fn returned (a dict of them):
-
-    def model_fn(model, features, labels, mode, params, update):
-        ...
-        update.step(d_loss, "discriminator")   # zero grads, backward, reduce, clip, step
-        update.step(g_loss, "generator")
-        return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
-
-TF's pattern, every network's gradients from one forward pass, then every update (as
-`tf.group(d_opt.minimize(d_loss, var_list=d_vars), g_opt.minimize(g_loss, var_list=g_vars))`):
-
-        update.minimize({"discriminator": d_loss, "generator": g_loss})
-
-or, below that, `update.backward(loss, name)` (for that optimizer's parameters alone),
-`apply(name)`, `reduce_gradients(name)`, `clip_grad_norm(max_norm, name)` and `optimizers`.
-An optimizer's own `step()` in model_fn also puts model_fn in charge: its gradients are averaged
-over replicas first (unless model_fn did), its LR scheduler stepped after (unless model_fn did).
-What the update keeps (optimizers, schedulers, EMA) is checkpointed and resumes bit for bit.
-"""
+"""The update step (UpdateStep): what happens to the weights after model_fn, and what it keeps."""
 
 from __future__ import annotations
 
@@ -53,7 +28,33 @@ def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 class UpdateStep:
-    """The training update of one replica: its optimizers, schedulers and EMA, and the step."""
+    """The training update of one replica: its optimizers, schedulers and EMA, and the step.
+
+    Built in (UpdateConfig): zero the gradients, backward, average over replicas, clip by global
+    norm, step the optimizer and its LR scheduler, update the EMA; `accumulation_steps=k` runs k
+    micro-batches inside one compiled step before the one update.
+
+    In model_fn's hands (TF's `train_op` role): a model_fn that takes an argument named `update`
+    may run the update itself, with as many optimizers as optimizer_fn returned (a dict):
+
+        def model_fn(model, features, labels, mode, params, update):  # d_loss, g_loss: ...
+            update.step(d_loss, "discriminator")   # zero grads, backward, reduce, clip, step
+            update.step(g_loss, "generator")
+            return TPUEstimatorSpec(mode, loss=d_loss.detach() + g_loss.detach())
+
+    TF's one-forward pattern is `update.minimize({"discriminator": d_loss, "generator": g_loss})`;
+    below it, `backward(loss, name)`, `apply`, `reduce_gradients`, `clip_grad_norm`. An
+    optimizer's own `step()` in model_fn also puts model_fn in charge (gradients averaged first,
+    its LR scheduler stepped after). The update's state is checkpointed; resume is bit for bit.
+
+    Args:
+        replica: the replica it runs on (the estimator builds it).
+        model: the module whose weights it updates.
+        optimizers: optimizer_fn's optimizers by name ("default" for one).
+        schedulers: each optimizer's LR scheduler by name, or None.
+        config: the UpdateConfig.
+        replay: TPUConfig.replay_training: the optimizers take their replayable step.
+    """
 
     def __init__(self, replica: Replica, model: torch.nn.Module,
                  optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
