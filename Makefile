@@ -36,7 +36,7 @@ docs-serve: setup
 
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) benchmarks/estimator_vs_hand_loop.py
+	$(PY) benchmarks/estimator_vs_hand_loop.py --figure docs/assets/speed.svg
 
 clean:
 	rm -rf runs exports .pytest_cache site

@@ -62,6 +62,7 @@ import torch_xla
 import torch_xla.core.xla_model as xm
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
+from figure import Bar, ratio_chart
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
@@ -406,9 +407,10 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def benchmark(args: argparse.Namespace, sides: list[str]) -> list[str]:
-    """Markdown rows: for each model and mode, every side's rate and the estimator's ratios."""
-    rows = []
+def benchmark(args: argparse.Namespace, sides: list[str]) -> tuple[list[str], list[Bar]]:
+    """Markdown rows: for each model and mode, every side's rate and the estimator's ratios;
+    and the ratios to the hand loop, for the figure."""
+    rows, bars = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             checkpoint = fresh(args, "--prepare", model, os.path.join(scratch, model))["path"]
@@ -431,6 +433,9 @@ def benchmark(args: argparse.Namespace, sides: list[str]) -> list[str]:
                     rates = [run["rate"] for run in runs[side]]
                     ratios = [estimator["rate"] / run["rate"] for estimator, run in
                               zip(runs["estimator"], runs[side], strict=True)]
+                    if side == "hand":
+                        bars.append((f"{model} {label}", statistics.median(ratios), min(ratios),
+                                     max(ratios)))
                     last = runs[side][-1]
                     busy = [run["wall_over_device"] for run in runs[side]
                             if run["wall_over_device"]]
@@ -438,7 +443,7 @@ def benchmark(args: argparse.Namespace, sides: list[str]) -> list[str]:
                                 f"{summary(ratios) if side != 'estimator' else ''} | "
                                 f"{last['warmup_compiles']} | {last['transfers']} | "
                                 f"{summary(busy) if busy and mode == 'train' else ''} |")
-    return rows
+    return rows, bars
 
 
 def names(text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -474,6 +479,8 @@ def main() -> None:
                         default=list(OPTIMIZERS), help="the optimizers training runs with")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                         help=argparse.SUPPRESS)  # one run's (--one, --prepare)
+    parser.add_argument("--figure", default=None,
+                        help="write the ratios to the hand loop as an SVG bar chart here")
     parser.add_argument("--one", nargs=3, metavar=("SIDE", "MODEL", "MODE"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--prepare", nargs=2, metavar=("MODEL", "DIR"), help=argparse.SUPPRESS)
@@ -496,12 +503,17 @@ def main() -> None:
           f"steps ({', '.join(args.optimizers)}), {args.eval_examples} eval and {args.predict_examples} "
           "predict examples, "
           f"{args.repeats} rounds of fresh processes, sides {', '.join(sides)}")
-    rows = benchmark(args, sides)
+    rows, bars = benchmark(args, sides)
     print("\n| model | mode | side | rate, median (min-max) | estimator / side, median "
           "(min-max) | compiles in warm-up | transfers per timed run | train: wall / device "
           "time |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    if args.figure and bars:
+        with open(args.figure, "w") as handle:
+            handle.write(ratio_chart(bars, "TPUEstimator over the hand-written torch_xla loop "
+                                           "(median, min-max)"))
+        print(f"\nfigure: {args.figure}")
 
 
 if __name__ == "__main__":
