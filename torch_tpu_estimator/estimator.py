@@ -130,18 +130,22 @@ class TPUEstimator:
 
     @property
     def config(self) -> RunConfig:
+        """The RunConfig, with the resolved model_dir."""
         return self._config
 
     @property
     def model_dir(self) -> str:
+        """The model_dir: a local folder or a URL."""
         return self._model_dir
 
     @property
     def params(self) -> dict:
+        """A copy of the params given to the constructor."""
         return dict(self._job.params)
 
     @property
     def model_fn(self) -> Callable[..., Any]:
+        """The model_fn given to the constructor."""
         return self._model_fn
 
     @property
@@ -308,8 +312,7 @@ class TPUEstimator:
                                        checkpoint_path=checkpoint_path, **kwargs)
 
     def latest_checkpoint(self) -> str | None:
-        """Path of the newest intact checkpoint in model_dir, or None; a damaged newer one is
-        reported in a warning and skipped (see checkpoint.py)."""
+        """Path of the newest intact checkpoint in model_dir (a damaged one is skipped), or None."""
         return checkpoint.latest_checkpoint(self._model_dir)
 
     def _latest(self) -> Checkpoint:
@@ -323,8 +326,7 @@ class TPUEstimator:
         return sorted([*self._latest().tensor_specs("model"), "global_step"])
 
     def get_variable_value(self, name: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
-        """Value of one tensor of the latest checkpoint as a NumPy array (a list of them for a
-        list of names, as in TF)."""
+        """Value of one tensor of the latest checkpoint as a NumPy array (a list, for a list)."""
         saved = self._latest()
         weights = saved.part("model")
         names = [name] if isinstance(name, str) else list(name)

@@ -1,5 +1,8 @@
-"""train_and_evaluate: train N steps, evaluate, repeat; with hooks that keep the best checkpoint
-and stop early on an eval metric (the Hook phase `after_evaluation`)."""
+"""train_and_evaluate: train N steps, evaluate, repeat.
+
+With hooks that keep the best checkpoint and stop early on an eval metric (the Hook phase
+`after_evaluation`).
+"""
 
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ def _improves(value: float, best: float | None, higher_is_better: bool, min_delt
 
 
 class KeepBestCheckpoint(Hook):
-    """Copies the checkpoint with the best `metric` so far into `directory`, with `best.json`
-    naming it and its eval results (so keep_checkpoint_max never deletes the best one).
+    """Copies the checkpoint with the best `metric` so far into `directory`.
+
+    With `best.json` naming it and its eval results (so keep_checkpoint_max never deletes the
+    best one).
 
     Args:
         directory: where the best checkpoint goes: a local folder or an fsspec URL.
@@ -41,6 +46,7 @@ class KeepBestCheckpoint(Hook):
 
     def after_evaluation(self, context: RunContext, results: dict[str, float],
                          checkpoint_path: str) -> None:
+        """Copies the evaluated checkpoint when `metric` is the best so far."""
         if self.metric not in results:
             raise ValueError(f"KeepBestCheckpoint metric {self.metric!r} is not among the eval "
                              f"results {sorted(results)}")
@@ -60,8 +66,9 @@ class KeepBestCheckpoint(Hook):
 
 
 class EarlyStopping(Hook):
-    """Stops train_and_evaluate when `metric` has not improved by `min_delta` for `patience`
-    evaluations in a row.
+    """Stops train_and_evaluate once `metric` has not improved for `patience` evaluations.
+
+    An improvement is a change of at least `min_delta`, in the better direction.
 
     Args:
         metric: the eval result watched.
@@ -81,6 +88,7 @@ class EarlyStopping(Hook):
 
     def after_evaluation(self, context: RunContext, results: dict[str, float],
                          checkpoint_path: str) -> None:
+        """Counts evaluations without improvement; requests the stop at `patience`."""
         if _improves(results[self.metric], self.best, self.higher_is_better, self.min_delta):
             self.best, self.stale = results[self.metric], 0
             return
@@ -101,8 +109,9 @@ def train_and_evaluate(
     eval_name: str | None = None,
     eval_hooks: Sequence[Hook] = (),
 ) -> list[dict[str, float]]:
-    """Alternates `steps_between_evals` training steps and one evaluation until `max_steps` or an
-    eval hook requests a stop in `after_evaluation`.
+    """Alternates `steps_between_evals` training steps and one evaluation.
+
+    Until `max_steps`, or until an eval hook requests a stop in `after_evaluation`.
 
     Args:
         estimator: the TPUEstimator to train and evaluate.

@@ -1,6 +1,7 @@
-"""Run configuration: where a run writes, how often it saves, its seed, and the configs of
-input batching (DatasetConfig), replicas (TPUConfig, tpu_config.py) and the update step
-(UpdateConfig).
+"""Run configuration: where a run writes, how often it saves, its seed, and the other configs.
+
+The configs of input batching (DatasetConfig), replicas (TPUConfig, tpu_config.py) and the
+update step (UpdateConfig).
 
 Plain dataclasses that validate themselves on construction, so a bad value fails at the line that
 made it, long before any device work.
@@ -98,8 +99,7 @@ class UpdateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Where a run writes and how often (checkpoints, summaries, logs), the seed, and how
-    replicas, input and the update step are set up.
+    """Where a run writes and how often, its seed, and how replicas, input and update are set up.
 
     TF arguments that configure graphs and sessions (session_config, cluster, master, ...) are
     accepted so that a ported script runs, with a one-time warning that they are ignored;
@@ -204,4 +204,5 @@ class RunConfig:
         )
 
     def replace(self, **changes: Any) -> RunConfig:
+        """A copy with `changes` applied (checked again)."""
         return dataclasses.replace(self, **changes)

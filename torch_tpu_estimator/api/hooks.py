@@ -106,8 +106,10 @@ class Hook:
 
     def after_evaluation(self, context: RunContext, results: dict[str, float],
                          checkpoint_path: str) -> None:
-        """train_and_evaluate: after each evaluation of `checkpoint_path`; request_stop() ends
-        the training."""
+        """train_and_evaluate: after each evaluation of `checkpoint_path`.
+
+        context.request_stop() ends the training.
+        """
 
     def end(self, context: RunContext) -> None:
         """After the last window, once the final checkpoint (if any) is written."""
@@ -118,8 +120,10 @@ class Hook:
 
 
 class CheckpointSaverListener(Hook):
-    """TF's name for the hooks given as `train(saving_listeners=...)`: any Hook, whose
-    before_save / after_save phases run around each checkpoint."""
+    """TF's name for the hooks given as `train(saving_listeners=...)`.
+
+    Any Hook: its before_save / after_save phases run around each checkpoint.
+    """
 
 
 class StopAtStepHook(Hook):
@@ -137,13 +141,16 @@ class StopAtStepHook(Hook):
         self._last_step = last_step
 
     def begin(self, context: RunContext) -> None:
+        """Fixes the stopping step once the run's starting step is known."""
         if self._num_steps is not None:
             self._last_step = context.global_step + self._num_steps
 
     def last_step(self) -> int | None:
+        """The global step at which the run stops (None until begin with num_steps)."""
         return self._last_step
 
     def after_window(self, context: RunContext, window: Window) -> None:
+        """Requests the stop once the window reaches the last step."""
         if self._last_step is not None and window.last_step >= self._last_step:
             context.request_stop()
 
@@ -152,6 +159,7 @@ class NanLossGuard(Hook):
     """Raises NanLossDuringTrainingError when any step of a window had a non-finite loss."""
 
     def after_window(self, context: RunContext, window: Window) -> None:
+        """Raises NanLossDuringTrainingError naming the first non-finite step."""
         bad = np.flatnonzero(~np.isfinite(window.losses))
         if bad.size:
             step = window.first_step + int(bad[0]) + 1
@@ -162,24 +170,29 @@ class NanLossGuard(Hook):
 
 
 class LossHistory(Hook):
-    """Keeps every training step's loss (the replica mean) as windows bring them back, for a
-    notebook or a script to plot or check; `first` and `last` are None until a window ends."""
+    """Keeps every training step's loss (the replica mean) as windows bring them back.
+
+    For a notebook or a script to plot or check; `first` and `last` are None until a window ends.
+    """
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.losses: list[float] = []
 
     def after_window(self, context: RunContext, window: Window) -> None:
+        """Keeps the window's per-step losses (training windows only)."""
         if context.mode == ModeKeys.TRAIN:
             self.steps.extend(range(window.first_step + 1, window.last_step + 1))
             self.losses.extend(float(loss) for loss in window.losses)
 
     @property
     def first(self) -> float | None:
+        """The first step's loss, or None before a window ends."""
         return self.losses[0] if self.losses else None
 
     @property
     def last(self) -> float | None:
+        """The last step's loss, or None before a window ends."""
         return self.losses[-1] if self.losses else None
 
 
@@ -197,9 +210,11 @@ class LoggingHook(Hook):
         self._steps, self._seconds, self._examples = 0, 0.0, 0
 
     def begin(self, context: RunContext) -> None:
+        """Counts this call's steps from its starting step."""
         self._last_logged = context.global_step
 
     def after_window(self, context: RunContext, window: Window) -> None:
+        """Logs the window's loss and rates once `every_n_steps` have passed."""
         self._steps += window.last_step - window.first_step
         self._seconds += window.seconds
         self._examples += window.examples

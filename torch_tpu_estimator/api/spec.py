@@ -62,9 +62,9 @@ class TPUEstimatorSpec:
 
 @dataclasses.dataclass
 class EstimatorSpec:
-    """TF's Estimator answer, accepted in every mode and on every runtime like
-    TPUEstimatorSpec (ported code returns it where TF ran on the CPU, e.g. EVAL with
-    `eval_on_tpu=False`).
+    """TF's Estimator answer, accepted in every mode and on every runtime like TPUEstimatorSpec.
+
+    Ported code returns it where TF ran on the CPU, e.g. EVAL with `eval_on_tpu=False`.
 
     TF's EstimatorSpec has no host_call, so it is always None here (the loops read it from
     either spec).
@@ -125,8 +125,10 @@ def _check_fn_and_tensors(name: str, value: Any) -> None:
 
 def validate_spec(spec: Any, mode: str, manual_update: bool = False
                   ) -> TPUEstimatorSpec | EstimatorSpec:
-    """Checks model_fn's return value for `mode` and says exactly what is wrong. With
-    `manual_update` (model_fn ran the update itself) the TRAIN loss is only reported."""
+    """Checks model_fn's return value for `mode` and says exactly what is wrong.
+
+    With `manual_update` (model_fn ran the update itself) the TRAIN loss is only reported.
+    """
     if not isinstance(spec, (TPUEstimatorSpec, EstimatorSpec)):
         raise TypeError(
             f"model_fn must return a TPUEstimatorSpec or EstimatorSpec in mode {mode!r}, "

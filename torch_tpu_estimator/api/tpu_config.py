@@ -1,5 +1,7 @@
-"""TPUConfig: how replicas run (the runtime, the mesh, windows of steps, input layout, the
-recompilation guard), and TF's InputPipelineConfig names."""
+"""TPUConfig: how replicas run, and TF's InputPipelineConfig names.
+
+The runtime, the mesh, windows of steps, the input layout, the recompilation guard.
+"""
 
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ def parse_iterations_per_loop(value: int | str) -> tuple[int | None, float | Non
 
 
 class InputPipelineConfig:
-    """TF's names for where input_fn runs in training (TPUConfig.per_host_input_for_training),
-    with TF's values, so that ported code reads as it did. How each maps onto this project's
-    two layouts is in TPUConfig."""
+    """TF's names for where input_fn runs in training (TPUConfig.per_host_input_for_training).
+
+    With TF's values, so that ported code reads as it did. How each maps onto this project's
+    two layouts is in TPUConfig.
+    """
 
     PER_SHARD_V1 = 1
     PER_HOST_V1 = 2
@@ -200,8 +204,10 @@ class TPUConfig:
         return self.input_mode in _PER_HOST_MODES
 
     def require_input_fits(self, num_replicas: int, one_program: bool) -> None:
-        """ValueError when the training input layout cannot be honoured by these replicas:
-        PER_HOST_V2 on an SPMD mesh (one program for several replicas)."""
+        """Raises ValueError when these replicas cannot honour the training input layout.
+
+        That is PER_HOST_V2 on an SPMD mesh (one program for several replicas).
+        """
         if self.input_mode == InputPipelineConfig.PER_HOST_V2 and one_program and \
                 num_replicas > 1:
             raise ValueError(

@@ -1,5 +1,7 @@
-"""WarmStartSettings: which weights of a new run come from which checkpoint, as TF's
-`tf.estimator.WarmStartSettings` says for variables (state/warm_start.py applies them)."""
+"""WarmStartSettings: which weights of a new run come from which checkpoint.
+
+As TF's `tf.estimator.WarmStartSettings` says for variables (state/warm_start.py applies them).
+"""
 
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class WarmStartSettings:
         return warm_start_from
 
     def selects(self, name: str) -> bool:
+        """Whether the new model's weight `name` is warm-started."""
         renames = self.var_name_to_prev_var_name or {}
         selection = self.vars_to_warm_start
         if selection is None:

@@ -31,8 +31,10 @@ from .signature import (
 
 
 class ExportedModel:
-    """An export directory as a callable: features in, predictions out, in the original form
-    (a dict of tensors, or one tensor when model_fn predicted one).
+    """An export directory as a callable: features in, predictions out.
+
+    Predictions come in their original form: a dict of tensors, or one tensor when model_fn
+    predicted one.
 
     Args:
         export_dir: one export's local directory (load_exported also takes a URL or an
@@ -58,6 +60,7 @@ class ExportedModel:
 
     @property
     def global_step(self) -> int:
+        """The global step of the checkpoint the export came from."""
         return self.signature.global_step
 
     def _checked(self, features: Any) -> list[torch.Tensor]:

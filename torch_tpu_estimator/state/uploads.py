@@ -1,5 +1,7 @@
-"""Checkpoints published in the background: on a bucket, a checkpoint's upload and the index
-that lists it run on a thread while training goes on.
+"""Checkpoints published in the background.
+
+On a bucket, a checkpoint's upload and the index that lists it run on a thread while training
+goes on.
 
 At most one publication is in flight: the next save waits for it first, so the index is
 always replaced in order, and a failed upload is raised by that save (or at the end of the
@@ -45,6 +47,7 @@ class BackgroundPublisher:
 
     @property
     def in_flight(self) -> bool:
+        """Whether a publication is running now."""
         return self._thread is not None and self._thread.is_alive()
 
     def wait(self) -> None:
@@ -64,8 +67,10 @@ class BackgroundPublisher:
 
 @contextlib.contextmanager
 def publishing() -> Iterator[BackgroundPublisher]:
-    """A publisher whose last publication is waited for on the way out; on the way out of an
-    error, a failed publication is logged rather than raised over that error."""
+    """A publisher whose last publication is waited for on the way out.
+
+    On the way out of an error, a failed publication is logged rather than raised over it.
+    """
     publisher = BackgroundPublisher()
     try:
         yield publisher
