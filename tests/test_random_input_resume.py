@@ -32,11 +32,11 @@ def _start(model_dir, layout: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _final(model_dir) -> dict:
+def _final(model_dir, steps: int = MAX_STEPS) -> dict:
     """The run's last checkpoint (model_dir: a folder, or a bucket's URL)."""
     import fsspec
 
-    with fsspec.open(f"{model_dir}/model.ckpt-{MAX_STEPS}.pt", "rb") as handle:
+    with fsspec.open(f"{model_dir}/model.ckpt-{steps}.pt", "rb") as handle:
         return torch.load(handle, weights_only=True)
 
 

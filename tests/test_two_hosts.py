@@ -20,7 +20,7 @@ from test_random_input_resume import _final
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "random_input_job.py")
-MAX_STEPS = 150  # as test_random_input_resume.py, whose _final reads the last checkpoint
+MAX_STEPS = 60
 LEASE_SECONDS = 2.0
 
 
@@ -49,6 +49,24 @@ def _start_hosts(model_dir: str, root) -> list[subprocess.Popen]:
     return agents
 
 
+def _kill_host(agent: subprocess.Popen) -> None:
+    """SIGKILLs a host: its agent and every process under it (torchrun starts its workers in
+    sessions of their own, so the agent's process group alone would leave them running)."""
+    def descendants(pid: int) -> list[int]:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as handle:
+                children = [int(child) for child in handle.read().split()]
+        except FileNotFoundError:
+            return []
+        return [found for child in children for found in [child, *descendants(child)]]
+
+    for pid in [agent.pid, *descendants(agent.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _finish(agents: list[subprocess.Popen]) -> None:
     for agent in agents:
         stdout, stderr = agent.communicate(timeout=600)
@@ -67,23 +85,23 @@ def _published_step(model_dir: str) -> int:
 
 def test_a_two_host_job_killed_on_one_host_resumes_from_the_bucket_bit_for_bit(
         tmp_path, bucket):
-    _finish(_start_hosts(f"{bucket}/uninterrupted", tmp_path))
-
+    uninterrupted = _start_hosts(f"{bucket}/uninterrupted", tmp_path)  # alongside
     model_dir = f"{bucket}/killed"
     agents = _start_hosts(model_dir, tmp_path)
     deadline = time.monotonic() + 300
     while _published_step(model_dir) < 12 and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(agents[1].pid, signal.SIGKILL)  # one host goes away, its agent and worker
+    _kill_host(agents[1])  # one host goes away, its agent and its worker
     for agent in agents:
         try:
-            agent.wait(timeout=120)
+            agent.wait(timeout=60)
         except subprocess.TimeoutExpired:  # the other host's worker waits on its peer
-            os.killpg(agent.pid, signal.SIGKILL)
+            _kill_host(agent)
             agent.wait()
     killed_at = _published_step(model_dir)
     assert 12 <= killed_at < MAX_STEPS
+    _finish(uninterrupted)
     time.sleep(LEASE_SECONDS + 0.2)  # the killed chief's lease lapses, if host 1 held it
 
     _finish(_start_hosts(model_dir, tmp_path))
-    assert same_values(_final(model_dir), _final(f"{bucket}/uninterrupted"))
+    assert same_values(_final(model_dir, MAX_STEPS), _final(f"{bucket}/uninterrupted", MAX_STEPS))
