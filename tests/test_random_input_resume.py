@@ -2,9 +2,9 @@
 augmentation per example in the Dataset (torch, Python and NumPy draws) and dropout. A run
 SIGKILLed at random moments and restarted each time ends bit for bit like one never
 interrupted, on one XLA device (traced, and replayed: TPUConfig(replay_training)) and a
-4-device SPMD mesh here, on plain PyTorch and 2 gloo
-replicas in test_random_input_resume_torch.py (random_input_job.py is the job; two files, so that
-two test workers share the work)."""
+4-device SPMD mesh here, replayed in test_random_input_resume_replay.py, on plain PyTorch and 2
+gloo replicas in test_random_input_resume_torch.py (random_input_job.py is the job; three files,
+so that two test workers share the work)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,6 @@ def sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout: str, model_dir=Non
         assert not [name for name in os.listdir(model_dir) if name.startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("layout", ["xla", "spmd4", "xla_replay"])
+@pytest.mark.parametrize("layout", ["xla", "spmd4"])
 def test_sigkills_at_random_moments_then_a_restart_end_bit_for_bit_on_xla(tmp_path, layout):
     sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout)
