@@ -169,11 +169,16 @@ print(json.dumps(estimator.evaluate(lambda params: make_data(21))))
 """
 
 
+@pytest.fixture(scope="module")
+def reference(sharded_run):
+    """The sharded checkpoint evaluated on the mesh it was written from (4 devices)."""
+    return run_fresh(EVALUATE, "spmd", sharded_run, CPU_NUM_DEVICES="4")
+
+
 @pytest.mark.parametrize("layout, devices", [("spmd", "4"), ("spmd", "2"), ("xla", "1"),
                                              ("torch", "1")])
-def test_a_sharded_checkpoint_restores_onto_any_mesh_and_plain_pytorch(sharded_run, layout,
-                                                                       devices):
-    reference = run_fresh(EVALUATE, "spmd", sharded_run, CPU_NUM_DEVICES="4")
+def test_a_sharded_checkpoint_restores_onto_any_mesh_and_plain_pytorch(sharded_run, reference,
+                                                                       layout, devices):
     results = run_fresh(EVALUATE, layout, sharded_run, CPU_NUM_DEVICES=devices)
     assert results["global_step"] == reference["global_step"] == 14
     assert results["loss"] == pytest.approx(reference["loss"], rel=1e-5)
@@ -276,11 +281,10 @@ def test_a_file_of_a_sharded_checkpoint_that_is_a_symlink_is_refused(sharded_run
 
 
 def test_a_sharded_checkpoint_in_a_bucket_equals_a_local_one_and_restores_onto_2_devices(
-        sharded_run, bucket):
+        sharded_run, reference, bucket):
     done = _run(KILLED, f"{bucket}/run", 0)
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_values(_state(f"{bucket}/run/model.ckpt-14"), _state(sharded_run / "model.ckpt-14"))
-    reference = run_fresh(EVALUATE, "spmd", sharded_run, CPU_NUM_DEVICES="4")
     results = run_fresh(EVALUATE, "spmd", f"{bucket}/run", CPU_NUM_DEVICES="2")
     assert results["global_step"] == 14
     assert results["loss"] == pytest.approx(reference["loss"], rel=1e-5)

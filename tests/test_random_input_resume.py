@@ -1,9 +1,9 @@
 """Exact resume when the input draws random numbers on the host: input_fn's noise, a random
 augmentation per example in the Dataset (torch, Python and NumPy draws) and dropout. A run
 SIGKILLed at random moments and restarted each time ends bit for bit like one never
-interrupted, on one XLA device (traced, and replayed: TPUConfig(replay_training)) and a
-4-device SPMD mesh here, replayed in test_random_input_resume_replay.py, on plain PyTorch and 2
-gloo replicas in test_random_input_resume_torch.py (random_input_job.py is the job; three files,
+interrupted, on one XLA device and a 4-device SPMD mesh here, with training replayed
+(TPUConfig(replay_training)) in test_random_input_resume_replay.py, on plain PyTorch and 2 gloo
+replicas in test_random_input_resume_torch.py (random_input_job.py is the job; three files,
 so that two test workers share the work)."""
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ MAX_STEPS = 150
 KILLS = 10
 
 
-def _start(model_dir, layout: str) -> subprocess.Popen:
+def _start(model_dir, layout: str, steps: int = MAX_STEPS) -> subprocess.Popen:
     env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=os.path.dirname(__file__),
                CPU_NUM_DEVICES="4" if layout == "spmd4" else "1")
-    return subprocess.Popen([sys.executable, JOB, str(model_dir), layout, str(MAX_STEPS)],
+    return subprocess.Popen([sys.executable, JOB, str(model_dir), layout, str(steps)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -40,10 +40,10 @@ def _final(model_dir, steps: int = MAX_STEPS) -> dict:
         return torch.load(handle, weights_only=True)
 
 
-def _run_to_end(model_dir, layout: str) -> None:
-    job = _start(model_dir, layout)
+def _run_to_end(model_dir, layout: str, steps: int = MAX_STEPS) -> None:
+    job = _start(model_dir, layout, steps)
     stdout, stderr = job.communicate(timeout=600)
-    assert job.returncode == 0 and f"done {MAX_STEPS}" in stdout, stderr[-3000:]
+    assert job.returncode == 0 and f"done {steps}" in stdout, stderr[-3000:]
 
 
 def _kill_somewhere_in_the_next_windows(job: subprocess.Popen, chooser: random.Random) -> None:
@@ -70,18 +70,20 @@ def _kill_somewhere_in_the_next_windows(job: subprocess.Popen, chooser: random.R
 
 
 def sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout: str, model_dir=None,
-                                            restart_after: float = 0.0) -> None:
-    """KILLS runs of the job in `model_dir` (a folder by default), each SIGKILLed at a random
-    moment, each restarted `restart_after` seconds later, then one to the end: its final
-    checkpoint equals an uninterrupted run's, every tensor and RNG state."""
-    _run_to_end(tmp_path / "uninterrupted", layout)
+                                            restart_after: float = 0.0, kills: int = KILLS,
+                                            steps: int = MAX_STEPS) -> None:
+    """`kills` runs of the job in `model_dir` (a folder by default), each SIGKILLed at a random
+    moment, each restarted `restart_after` seconds later, then one to the end (`steps`): its
+    final checkpoint equals an uninterrupted run's, every tensor and RNG state."""
+    _run_to_end(tmp_path / "uninterrupted", layout, steps)
     chooser = random.Random(f"kills-{layout}")
     model_dir = model_dir or tmp_path / "killed"
-    for _ in range(KILLS):
-        _kill_somewhere_in_the_next_windows(_start(model_dir, layout), chooser)
+    for _ in range(kills):
+        _kill_somewhere_in_the_next_windows(_start(model_dir, layout, steps), chooser)
         time.sleep(restart_after)
-    _run_to_end(model_dir, layout)
-    resumed, uninterrupted = _final(model_dir), _final(tmp_path / "uninterrupted")
+    _run_to_end(model_dir, layout, steps)
+    resumed = _final(model_dir, steps)
+    uninterrupted = _final(tmp_path / "uninterrupted", steps)
     assert same_values(resumed, uninterrupted)
     if os.path.isdir(model_dir):
         assert not [name for name in os.listdir(model_dir) if name.startswith(".tmp-")]
