@@ -54,3 +54,20 @@ def bucket(s3_endpoint):
     name = f"test-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+# The files whose tests run longest (SIGKILL fuzz, multi-process jobs), started first so that
+# the two workers of `pytest -n 2 --dist loadfile` share them instead of one worker ending the
+# suite alone with the last of them.
+LONGEST_FIRST = ("test_random_input_resume.py", "test_object_storage_faults.py",
+                 "test_random_input_resume_torch.py", "test_random_input_resume_replay.py",
+                 "test_replicas.py", "test_two_hosts.py", "test_preemption.py",
+                 "test_big_models.py", "test_ported_examples.py", "test_docs.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept

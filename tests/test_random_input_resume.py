@@ -89,6 +89,9 @@ def sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout: str, model_dir=Non
         assert not [name for name in os.listdir(model_dir) if name.startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("layout", ["xla", "spmd4"])
-def test_sigkills_at_random_moments_then_a_restart_end_bit_for_bit_on_xla(tmp_path, layout):
-    sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout)
+@pytest.mark.parametrize("layout, kills, steps", [
+    ("xla", 5, 90),  # 10 kills over 150 steps on one XLA device: test_object_storage_faults.py
+    ("spmd4", KILLS, MAX_STEPS)])
+def test_sigkills_at_random_moments_then_a_restart_end_bit_for_bit_on_xla(tmp_path, layout,
+                                                                         kills, steps):
+    sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout, kills=kills, steps=steps)
