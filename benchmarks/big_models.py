@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
+
+from fresh_runs import run_fresh, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,17 +152,10 @@ def measure_checkpoint(sharding: str, millions: int) -> dict:
 
 def _fresh(kind: str, sharding: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
-    done = subprocess.run([sys.executable, __file__, "--one", kind, sharding,
-                           "--width", str(args.width), "--steps", str(args.steps),
-                           "--params-millions", str(args.params_millions)],
-                          env=env, capture_output=True, text=True, timeout=3600)
-    if done.returncode:
-        raise RuntimeError(f"{kind}/{sharding} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _summary(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+    return run_fresh(__file__, ["--one", kind, sharding, "--width", str(args.width),
+                                "--steps", str(args.steps),
+                                "--params-millions", str(args.params_millions)],
+                     env, f"{kind}/{sharding}")
 
 
 def main() -> None:
@@ -190,13 +182,13 @@ def main() -> None:
                 runs[sharding].append(_fresh(kind, sharding, args))
         print(f"\n{kind} (medians of {args.repeats} fresh-process runs, min-max)")
         for sharding, results in runs.items():
-            line = ", ".join(f"{key} {_summary([run[key] for run in results])}"
+            line = ", ".join(f"{key} {summary([run[key] for run in results])}"
                              for key in results[0])
             print(f"  {sharding:10s} {line}")
         if kind == "step":
             ratios = [fsdp["steps_per_sec"] / replicated["steps_per_sec"]
                       for replicated, fsdp in zip(runs["replicated"], runs["fsdp"], strict=True)]
-            print(f"  fsdp / replicated steps/s: {_summary(ratios)}")
+            print(f"  fsdp / replicated steps/s: {summary(ratios)}")
 
 
 if __name__ == "__main__":

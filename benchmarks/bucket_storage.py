@@ -25,12 +25,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from fresh_runs import run_fresh, summary
+
 WIDTH = 2048
 
 
@@ -120,17 +119,9 @@ def _fresh(where: str, args: argparse.Namespace, endpoint: str) -> dict:
     env = dict(os.environ, PJRT_DEVICE="CPU", AWS_ENDPOINT_URL=endpoint,
                AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                AWS_DEFAULT_REGION="us-east-1")
-    done = subprocess.run([sys.executable, __file__, "--one", where,
-                           "--params-millions", str(args.params_millions),
-                           "--steps", str(args.steps), "--every", str(args.every)],
-                          env=env, capture_output=True, text=True, timeout=3600)
-    if done.returncode:
-        raise RuntimeError(f"{where} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _summary(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+    return run_fresh(__file__, ["--one", where, "--params-millions", str(args.params_millions),
+                                "--steps", str(args.steps), "--every", str(args.every)],
+                     env, where)
 
 
 def main() -> None:
@@ -173,12 +164,12 @@ def main() -> None:
     for where, results in runs.items():
         keys = [key for key in results[0] if key != "parameters_millions"
                 and all(run[key] is not None for run in results)]
-        print(f"  {where:7s} " + ", ".join(f"{key} {_summary([run[key] for run in results])}"
+        print(f"  {where:7s} " + ", ".join(f"{key} {summary([run[key] for run in results])}"
                                            for key in keys))
     slowdowns = [run["step_seconds_uploading"] / run["step_seconds_idle"] - 1
                  for run in runs["bucket"] if run["step_seconds_uploading"]]
     if slowdowns:
-        print(f"  training slowdown while an upload is in flight: {_summary(slowdowns)}")
+        print(f"  training slowdown while an upload is in flight: {summary(slowdowns)}")
 
 
 if __name__ == "__main__":
