@@ -12,11 +12,13 @@ from helpers import (
     make_estimator,
     model_fn,
     read_scalars,
+    same_values,
 )
 from torch.utils.data import DataLoader
 
 from torch_tpu_estimator import (
     CheckpointSaverListener,
+    DatasetConfig,
     Hook,
     LossHistory,
     ModeKeys,
@@ -79,6 +81,29 @@ def test_resume_equals_uninterrupted_run(tmp_path, use_tpu):
     assert split_state["update"]["schedulers"] == whole_state["update"]["schedulers"]
     assert split_state["input"] == whole_state["input"] == {
         "host": {"epoch": 2, "batch": 6}}
+
+
+@pytest.mark.parametrize("use_tpu, workers", [(True, 0), (False, 0), (False, 2)],
+                         ids=["xla", "torch", "torch_2_loader_workers"])
+def test_random_input_resumes_in_one_process_like_an_uninterrupted_run(tmp_path, use_tpu,
+                                                                      workers):
+    """TF's DCGAN way of making input: input_fn draws its noise when called, the Dataset a random
+    augmentation per example (torch, Python and NumPy draws; in DataLoader workers with
+    num_workers), the model dropout. train(15) then train(15) in one process ends, every tensor
+    and RNG state, as train(30) does."""
+    from random_input_job import input_fn
+
+    def run(model_dir, step_plan):
+        estimator = make_estimator(model_dir, use_tpu=use_tpu, optimizer_fn=adam_with_schedule,
+                                   dropout=0.3, dataset_config=DatasetConfig(
+                                       shuffle=True, num_workers=workers))
+        for steps in step_plan:
+            estimator.train(input_fn, steps=steps)
+        return torch.load(estimator.latest_checkpoint(), weights_only=True)
+
+    split, whole = run(tmp_path / "split", [15, 15]), run(tmp_path / "whole", [30])
+    assert split["global_step"] == whole["global_step"] == 30
+    assert same_values(split, whole)
 
 
 def test_steps_add_to_restored_step_and_max_steps_is_absolute(tmp_path):

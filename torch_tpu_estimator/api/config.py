@@ -67,11 +67,12 @@ class UpdateConfig:
             set.
         flat_optimizer: on XLA, a torch Adam or AdamW with plain options is stepped over one flat
             buffer per parameter group (flat_update.py) in a handful of traced ops instead of a chain
-            per parameter (about 2x the steps/s of a small model): torch's formula op for op, bit for
-            bit plain Adam's numbers; with clipping or AdamW's decay XLA fuses differently, a float32
-            rounding apart per step (README, Speed). What it does not cover (a parameter replaced or
-            without a gradient, groups added, parameters shared by two optimizers) it hands to torch's
-            own step, exactly, with a log line. False keeps torch's own step.
+            per parameter (about 2x the steps/s of a small model), wherever that gives torch's own
+            Adam bit for bit: gradients straight from the built-in update (or update.step,
+            update.minimize), no clip_global_norm, no AdamW decay. Everything else (clipping,
+            AdamW's decay, gradients model_fn hands to update.apply, a parameter replaced or without
+            a gradient, groups added, parameters shared by two optimizers) takes torch's own step,
+            with a log line saying why. False keeps torch's own step always.
     """
 
     clip_global_norm: float | None = None
@@ -118,8 +119,9 @@ class RunConfig:
         log_step_count_steps: logs the loss and steps/s every this many steps (None: never).
         save_summary_steps: writes the training scalars to TensorBoard every this many steps (None:
             never).
-        seed: seeds the model's initialization, dropout and every random draw of the input, so that a
-            run and its resumption draw the same numbers.
+        seed: seeds the model's initialization, dropout and the input's draws from the host's
+            global generators (Python, NumPy, torch; docs: Input), so that a run and its
+            resumption draw the same numbers.
         tpu_config: how replicas run (TPUConfig).
         dataset_config: how input_fn's examples are batched (DatasetConfig).
         update_config: how the training update is built (UpdateConfig).

@@ -107,7 +107,7 @@ def _refuse_tf_only(spec: str, train_op: Any, scaffold: Any) -> None:
             "the loss and the estimator runs the update with optimizer_fn's optimizer, or let "
             "model_fn run it: take an argument named `update` and call update.step(loss, name) "
             "or, for TF's tf.group of several minimize ops, update.minimize({name: loss, ...}) "
-            "(README: The update step)")
+            "(docs: guides/update-step)")
     if scaffold is not None:
         raise TypeError(
             f"{spec} takes no scaffold: build the module in model_init_fn, and initialize it "

@@ -102,7 +102,7 @@ class TPUConfig:
         inference_steps_per_execution: evaluate and predict trace up to this many steps into one XLA
             program (Keras' steps_per_execution; TF's TPUEstimator runs a window's steps per
             session.run), so the host's work between two programs, while the device idles, is paid
-            once per group (README "Speed": 1.2-1.3x the examples/s of a small MLP on XLA:CPU, 1.1x of
+            once per group (docs, Benchmarks: 1.2-1.3x the examples/s of a small MLP on XLA:CPU, 1.1x of
             a small CNN). Results are the same bit for bit. A group never crosses a window: with a
             step-count window it is the largest divisor of iterations_per_loop not above this value,
             so a call compiles at most 2 graphs (full groups, and the last window's rest). The

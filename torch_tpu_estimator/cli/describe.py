@@ -14,7 +14,7 @@ from ..state.checkpoint import INDEX_NAME, resolve_checkpoint_path
 from ..state.schema import Checkpoint
 from ..state.storage import REST_NAME
 from ..state.stores import store_for
-from ..step import update
+from ..step.update_state import describe as describe_update
 
 
 def _variable_lines(variables: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[str]:
@@ -31,7 +31,7 @@ def describe_checkpoint(path: str) -> list[str]:
     size = sum(math.prod(shape) for _, shape in specs.values())
     lines = [f"checkpoint: {path}" + (" (sharded)" if saved.sharded else ""),
              f"global_step: {saved.global_step}",
-             update.describe(saved)]
+             describe_update(saved)]
     for key, position in sorted(saved.input_positions.items()):
         lines.append(f"input position {key!r}: pass {position['epoch']}, batch {position['batch']}")
     lines.append(f"variables ({len(variables)}, {size} values):")

@@ -16,7 +16,7 @@ from ..runtime.base import Replica
 from ..state.schema import Checkpoint
 from ..step.building import build_run_state
 from ..step.context import ModeContext
-from ..step.update import inference_weights
+from ..step.update_state import inference_weights
 
 
 @dataclasses.dataclass(frozen=True)

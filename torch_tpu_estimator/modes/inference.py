@@ -32,7 +32,7 @@ from ..step.building import build_run_state
 from ..step.context import ModeContext
 from ..step.gather import real_examples
 from ..step.loop import ModeProgram, StepRunner, run_loop, run_to_end
-from ..step.update import inference_weights
+from ..step.update_state import inference_weights
 from ..step.windows import WindowedBatches
 
 logger = logging.getLogger("torch_tpu_estimator")

@@ -12,7 +12,8 @@ from ..input.streams import InputStreams
 from ..state.rng import RngState
 from ..state.run_state import RunState, unwrap
 from .context import ModeContext
-from .update import DEFAULT_OPTIMIZER, UpdateStep
+from .update import UpdateStep
+from .update_state import DEFAULT_OPTIMIZER
 
 
 def build_module(ctx: ModeContext, rng: RngState, params: dict) -> torch.nn.Module:

@@ -11,19 +11,20 @@ keeps torch's state layout (each parameter's moments are views of the flat ones,
 tensor), so its state_dict, checkpoints and a resume are unchanged; a state loaded from a
 checkpoint is copied into the flat buffers at the next step.
 
-What the numbers are: every element goes through torch's formula, op for op. XLA compiles the
-flat graph with other fusions than torch's per-parameter graph, and where a fusion turns a
-multiply and an add into one fused multiply-add it rounds once instead of twice, so the two can
-differ by a float32 rounding in a step (README, Speed: measured bounds). A run and its resume
-take the same path and agree bit for bit.
+What the numbers are: every element goes through torch's formula, op for op, and the result is
+torch's own Adam bit for bit where nothing but backward made the gradients and no decoupled
+weight decay applies. Elsewhere XLA fuses the flat graph otherwise than torch's per-parameter
+one (a clipping scale or a decay folded into the update as one fused multiply-add rounds once
+instead of twice), so those cases never take the flat path (`flat_refusal`).
 
-What it does not cover it hands, for good and with a log line saying why, to torch's own
-`optimizer.step()`: a parameter that stops being a view of its buffer (`param.data = ...`),
-groups that change (`add_param_group`), a parameter without a gradient in a step (frozen, or
-unused), step counts that differ (a checkpoint of such a run). Each parameter and moment then
-gets its own storage back, so torch's steps run as they would have from the start.
-Optimizers that share a parameter are never flattened (update.py): a second buffer would take
-the parameter from the first.
+What it does not cover it leaves, with a log line saying why, to torch's own
+`optimizer.step()`: from the start, clipping, AdamW's decay and optimizers that share a
+parameter; from the step it happens on, a parameter that stops being a view of its buffer
+(`param.data = ...`), groups that change (`add_param_group`), a parameter without a gradient in a
+step (frozen, or unused), step counts that differ (a checkpoint of such a run), and gradients
+model_fn computed itself and hands to `update.apply` (update.py calls `hand_back`). Each
+parameter and moment then gets its own storage back, so torch's steps run as they would have
+from the start.
 """
 
 from __future__ import annotations
@@ -45,25 +46,43 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-def flattenable(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `optimizer` is a torch Adam or AdamW this module steps exactly: plain options,
-    float learning rates, every parameter a dense float tensor on one XLA device, each once."""
+def flat_refusal(optimizer: torch.optim.Optimizer, clipping: bool) -> str | None:
+    """Why `optimizer` cannot take the flat step and give torch's numbers bit for bit, or None:
+    a torch Adam or AdamW with plain options, float learning rates, no decoupled weight decay
+    (Adam's L2 decay is covered), unclipped
+    gradients, every parameter a dense float32 tensor on one XLA device, each once."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-        return False
+        return f"it covers Adam and AdamW, not {type(optimizer).__name__}"
+    if clipping:
+        return ("UpdateConfig(clip_global_norm) is set: XLA fuses the clipping scale into "
+                "torch's per-parameter update, not into the flat one (a float32 rounding apart)")
+    if any(group["weight_decay"] != 0 and (isinstance(optimizer, torch.optim.AdamW)
+                                           or group.get("decoupled_weight_decay"))
+           for group in optimizer.param_groups):
+        return ("a decoupled weight_decay is set (AdamW): XLA fuses the decay into torch's "
+                "per-parameter update otherwise than into the flat one (a float32 rounding "
+                "apart)")
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     devices = {parameter.device for parameter in parameters}
     try:
         [_storage(parameter) for parameter in parameters]
     except (RuntimeError, NotImplementedError):  # no storage to tell views by (no functionalization)
-        return False
-    return bool(parameters) and len(devices) == 1 and next(iter(devices)).type == "xla" and all(
-        all(group.get(key, value) == value for key, value in _FLAT_OPTIONS.items())
-        and not group.get("foreach") and not group.get("fused")
-        and isinstance(group["lr"], float) and not isinstance(group["betas"][0], torch.Tensor)
-        for group in optimizer.param_groups) and all(
-        parameter.dtype == torch.float32 and parameter.layout == torch.strided
-        for parameter in parameters) and len({id(parameter) for parameter in parameters}) == len(
-        parameters)
+        return "its parameters have no storage to share (not on an XLA device)"
+    if not parameters or len(devices) != 1 or next(iter(devices)).type != "xla":
+        return "its parameters are not all on one XLA device"
+    if not all(all(group.get(key, value) == value for key, value in _FLAT_OPTIONS.items())
+               and not group.get("foreach") and not group.get("fused")
+               and isinstance(group["lr"], float)
+               and not isinstance(group["betas"][0], torch.Tensor)
+               for group in optimizer.param_groups):
+        return ("an option it does not cover is set (amsgrad, maximize, capturable, "
+                "differentiable, foreach, fused, or a tensor lr or betas)")
+    if not all(parameter.dtype == torch.float32 and parameter.layout == torch.strided
+               for parameter in parameters):
+        return "a parameter is not a dense float32 tensor"
+    if len({id(parameter) for parameter in parameters}) != len(parameters):
+        return "a parameter is in it twice"
+    return None
 
 
 @dataclasses.dataclass
@@ -85,7 +104,7 @@ def _views(flat: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Ten
 
 
 class FlatAdam:
-    """Steps a torch Adam/AdamW (flattenable) over flat buffers; its state stays torch's.
+    """Steps a torch Adam/AdamW (see flat_refusal) over flat buffers; its state stays torch's.
     `name` is the optimizer's name in the log lines that say when torch's step runs instead."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str = "default"):
@@ -147,11 +166,14 @@ class FlatAdam:
             return "its parameters have taken different numbers of steps"
         return None
 
-    def _hand_back(self, reason: str) -> None:
+    def hand_back(self, reason: str) -> None:
         """Gives every parameter and moment still in a flat buffer storage of its own again,
         computed now, so that torch's step from here on runs exactly as if it had run from the
         start; says why, once."""
         from ..runtime import xla_compat
+
+        if self.handed_back:
+            return
 
         logger.info("flat_optimizer: optimizer %r takes torch's own Adam step from now on, "
                     "because %s", self.name, reason)
@@ -177,7 +199,7 @@ class FlatAdam:
         if not self.handed_back:
             reason = self._torch_step_needed()
             if reason is not None:
-                self._hand_back(reason)
+                self.hand_back(reason)
         if self.handed_back:
             self.optimizer.step()
             return
@@ -224,16 +246,23 @@ def _shared(optimizers: Mapping[str, torch.optim.Optimizer]) -> set[str]:
     return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
-def optimizer_steppers(optimizers: Mapping[str, torch.optim.Optimizer],
-                       flat: bool) -> dict[str, Callable[[], None]]:
+def optimizer_steppers(optimizers: Mapping[str, torch.optim.Optimizer], flat: bool,
+                       clipping: bool = False) -> dict[str, Callable[[], None]]:
     """Each optimizer's step: with `flat` (UpdateConfig(flat_optimizer), parameters not
-    sharded), FlatAdam's where it is exact, else torch's own."""
+    sharded), FlatAdam's where it gives torch's numbers (flat_refusal), else torch's own; an
+    Adam left to torch says why in the log."""
     if not flat:
         return {name: optimizer.step for name, optimizer in optimizers.items()}
     shared = _shared(optimizers)
     if shared:
         logger.info("flat_optimizer: optimizers %s share parameters, so torch's own step "
                     "updates them (one flat buffer per parameter)", sorted(shared))
-    return {name: FlatAdam(optimizer, name).step
-            if name not in shared and flattenable(optimizer) else optimizer.step
-            for name, optimizer in optimizers.items()}
+    steppers = {}
+    for name, optimizer in optimizers.items():
+        reason = None if name in shared else flat_refusal(optimizer, clipping)
+        if reason is not None and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            logger.info("flat_optimizer: optimizer %r takes torch's own step, because %s",
+                        name, reason)
+        flat_step = name not in shared and reason is None
+        steppers[name] = FlatAdam(optimizer, name).step if flat_step else optimizer.step
+    return steppers

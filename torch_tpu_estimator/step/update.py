@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,16 +10,12 @@ import torch
 from ..api.config import UpdateConfig
 from ..runtime.base import Progress, Replica
 from ..state.run_state import layout_of
-from ..state.schema import LEGACY_SHARDED, Checkpoint, Layout
-from ..state.storage import marker
+from ..state.schema import Checkpoint
 from .ema import ExponentialMovingAverage
-from .flat_update import optimizer_steppers
+from .flat_update import FlatAdam, optimizer_steppers
 from .micro_batches import joined, micro_batch
 from .replayable_optimizers import replayable_steppers
-
-logger = logging.getLogger("torch_tpu_estimator")
-
-DEFAULT_OPTIMIZER = "default"
+from .update_state import current_layout
 
 
 def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -65,7 +60,8 @@ class UpdateStep:
         self.replay_refusal = replayable if isinstance(replayable, str) else None  # or why not
         # each optimizer's step: replayable, flat or torch's own
         self.steppers = replayable if self.replay_refusal is None else optimizer_steppers(
-            optimizers, config.flat_optimizer and not replica.shards_parameters)
+            optimizers, config.flat_optimizer and not replica.shards_parameters,
+            clipping=config.clip_global_norm is not None)
         for name, optimizer in optimizers.items():
             optimizer.register_step_pre_hook(
                 lambda optimizer, args, kwargs, name=name: self._stepped_by_model_fn(name))
@@ -150,8 +146,15 @@ class UpdateStep:
     def apply(self, optimizer: str | None = None) -> torch.Tensor | None:
         """The built-in update from gradients already computed: reduce, clip (UpdateConfig
         .clip_global_norm), optimizer step, scheduler step. Returns the norm before clipping."""
-        self.took_charge = True
         name = self._named(optimizer)
+        flat = getattr(self.steppers[name], "__self__", None)
+        if isinstance(flat, FlatAdam):  # exact on gradients straight from step or minimize only
+            flat.hand_back("model_fn computed the gradients update.apply applies, and may have "
+                           "changed them (update.backward, loss.backward, clipping)")
+        return self._apply(name)
+
+    def _apply(self, name: str) -> torch.Tensor | None:
+        self.took_charge = True
         self.replica.heartbeat(Progress.UPDATE, self.global_step)
         if name not in self._reduced:
             self.reduce_gradients(name)
@@ -177,7 +180,7 @@ class UpdateStep:
         name = self._named(optimizer)
         self.optimizers[name].zero_grad(set_to_none=True)
         self.backward(loss, name)
-        return self.apply(name)
+        return self._apply(name)
 
     def minimize(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """TF's `tf.group(opt.minimize(loss, var_list=...), ...)`: each named optimizer's
@@ -191,7 +194,7 @@ class UpdateStep:
             self.optimizers[name].zero_grad(set_to_none=True)
         for index, (name, loss) in enumerate(zip(names, losses.values(), strict=True)):
             self.backward(loss, name, retain_graph=index < len(names) - 1)
-        return {name: self.apply(name) for name in names}
+        return {name: self._apply(name) for name in names}
 
     def run(self, call_model_fn: Callable[[Any, Any, dict, UpdateStep | None], Any],
             features: Any, labels: Any, params: dict, step: int) -> Any:
@@ -208,7 +211,7 @@ class UpdateStep:
             if not self.by_model_fn:
                 self._require_one_optimizer()
                 self.backward(spec.loss)
-                self.apply()
+                self._apply(self._named(None))
             self._step_schedulers_left(epochs)
         else:
             self._accumulating = True
@@ -216,7 +219,7 @@ class UpdateStep:
                 spec = self._accumulated(call_model_fn, features, labels, params, count)
             finally:
                 self._accumulating = False
-            self.apply()
+            self._apply(self._named(None))
         if self.ema is not None:
             self.ema.update()
         for optimizer in self.optimizers.values():  # used: the step's program need not keep
@@ -305,46 +308,3 @@ class UpdateStep:
         """The module's weights were set from outside (warm start): the EMA starts at them."""
         if self.ema is not None:
             self.ema.reset()
-
-
-def current_layout(outline: Any, sharded_keys: Callable[[], list[str]]) -> Any:
-    """A checkpoint's update state in this version's layout. 0.1 (format 1) kept one
-    "optimizer" and "scheduler"; 0.2 (format 2) had this layout, but a sharded checkpoint's
-    EMA was one marker for DCP keys "ema/<name>" and its optimizer slots markers for
-    "optimizers/<name>/<index>/<slot>"."""
-    if not isinstance(outline, Mapping) or "legacy_format" not in outline:
-        return outline
-    if outline["legacy_format"] == 1:
-        optimizer = outline.get("optimizer")
-        return {"optimizers": {DEFAULT_OPTIMIZER: optimizer} if optimizer is not None else {},
-                "schedulers": {DEFAULT_OPTIMIZER: outline.get("scheduler")}, "ema": None}
-    ema = outline.get("ema")
-    if ema == LEGACY_SHARDED:
-        ema = {key.removeprefix("ema/"): marker(key) for key in sharded_keys()
-               if key.startswith("ema/")}
-    optimizers = {name: {**state, "state": {
-        index: {slot: marker(f"optimizers/{name}/{index}/{slot}") if value == LEGACY_SHARDED
-                else value for slot, value in slots.items()}
-        for index, slots in state["state"].items()}}
-        for name, state in outline.get("optimizers", {}).items()}
-    return {"optimizers": optimizers, "schedulers": outline.get("schedulers", {}), "ema": ema}
-
-
-def inference_weights(saved: Checkpoint, prefer_ema: bool,
-                      layout: Layout | None = None) -> dict[str, torch.Tensor]:
-    """The weights evaluate, predict and export use: the EMA's when asked for and kept
-    (UpdateConfig(ema_for_inference)), else the module's."""
-    outline = current_layout(saved.outline("update"), saved.sharded_keys)
-    if prefer_ema and isinstance(outline, Mapping) and outline.get("ema") is not None:
-        return saved.resolve(outline["ema"], layout)
-    return saved.part("model", layout=layout)
-
-
-def describe(saved: Checkpoint) -> str:
-    """What a checkpoint keeps of the update step, in a line (inspect)."""
-    outline = current_layout(saved.outline("update"), saved.sharded_keys) or {}
-    optimizers = sorted(outline.get("optimizers", {}))
-    schedulers = sorted(name for name, state in outline.get("schedulers", {}).items() if state)
-    return (f"optimizers: {', '.join(optimizers) or 'none'}; lr schedulers: "
-            f"{', '.join(schedulers) or 'none'}; EMA of the weights: "
-            f"{'yes' if outline.get('ema') is not None else 'no'}")
