@@ -78,6 +78,16 @@ def record(key: str, value: list) -> None:
         handle.write(json.dumps([key, value]) + "\n")
 
 
+def recorded(mode: str, input_fn):
+    """input_fn, recording the batch and input pipeline each call was given."""
+    def calls(params):
+        context = params["context"]
+        record(f"input_fn/{mode}", [params["batch_size"], context.input_pipeline_id,
+                                    context.num_input_pipelines])
+        return input_fn(params)
+    return calls
+
+
 def train_input_fn(params):
     """Per-host: the whole data set. Per-replica: this replica's rows of every global batch."""
     context, batch = params["context"], params["batch_size"]
@@ -113,9 +123,9 @@ def run(config: dict) -> dict:
         predict_batch_size=GLOBAL_BATCH)
     recorder = LossHistory()
     estimator.train(train_input_fn, steps=10, hooks=[recorder])
-    evaluation = estimator.evaluate(lambda params: make_data(EVAL_SIZE, seed=2))
+    evaluation = estimator.evaluate(recorded("eval", lambda params: make_data(EVAL_SIZE, seed=2)))
     predict_data = make_data(PREDICT_SIZE, seed=3)
-    from_dataset = list(estimator.predict(lambda params: predict_data))
+    from_dataset = list(estimator.predict(recorded("predict", lambda params: predict_data)))
     from_loader = list(estimator.predict(
         lambda params: DataLoader(predict_data.tensors[0], batch_size=params["batch_size"])))
     weights = {name: estimator.get_variable_value(name).tolist()

@@ -21,7 +21,7 @@ import torch
 from helpers import make_data, make_estimator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from torch_tpu_estimator import load_exported
+from torch_tpu_estimator import CheckpointSaverListener, load_exported
 from torch_tpu_estimator.state import checkpoint, files
 from torch_tpu_estimator.state.locking import ModelDirInUseError
 
@@ -569,3 +569,20 @@ def test_a_scalar_eval_loss_over_a_padded_batch_warns_once(trained, caplog):
     warnings = [record for record in caplog.records if 'reduction="none"' in record.message]
     assert len(warnings) == 1
     assert "(5 real of 8 rows)" in warnings[0].message
+
+
+def test_a_file_planted_at_the_next_checkpoint_s_name_is_moved_aside_never_overwritten(tmp_path):
+    """Someone else's file appears mid-run where the next checkpoint goes: it is kept, byte for
+    byte, as <name>.unlisted, and the new checkpoint is listed and loads."""
+    planted = b"not a checkpoint of this run"
+
+    class Planter(CheckpointSaverListener):
+        def before_save(self, context):
+            if context.global_step == 6:
+                (tmp_path / "model.ckpt-6.pt").write_bytes(planted)
+
+    estimator = make_estimator(tmp_path, save_checkpoints_steps=3, iterations_per_loop=3)
+    estimator.train(lambda params: make_data(64), steps=6, saving_listeners=[Planter()])
+    assert (tmp_path / "model.ckpt-6.pt.unlisted").read_bytes() == planted
+    assert estimator.latest_checkpoint() == str(tmp_path / "model.ckpt-6.pt")
+    assert int(estimator.get_variable_value("global_step")) == 6

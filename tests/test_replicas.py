@@ -108,6 +108,12 @@ def test_per_replica_input_fn_calls_train_like_one_replica(results, layout):
     seen = [value for key, value in results[layout]["seen"] if key == "input_fn/train"]
     # one input_fn call per replica, each with the per-replica batch and its own pipeline id
     assert sorted(seen) == [[2, replica, 4] for replica in range(4)]
+    # evaluate and predict read per-host input whatever the training layout: one call per
+    # process with the global batch, so that no example is dropped or counted twice
+    processes = 1 if LAYOUTS[layout]["runtime"] == "spmd" else 4
+    for mode in ("eval", "predict"):
+        calls = [value for key, value in results[layout]["seen"] if key == f"input_fn/{mode}"]
+        assert calls == [[8, 0, 1]] * processes, mode
 
 
 @pytest.mark.parametrize("layout, model_fn_batch, input_fn_call", [

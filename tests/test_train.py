@@ -83,14 +83,23 @@ def test_resume_equals_uninterrupted_run(tmp_path, use_tpu):
         "host": {"epoch": 2, "batch": 6}}
 
 
-@pytest.mark.parametrize("use_tpu, workers", [(True, 0), (False, 0), (False, 2)],
-                         ids=["xla", "torch", "torch_2_loader_workers"])
+def _loader_with_workers(params):
+    """A DataLoader of the user's own, shuffling, with two worker processes."""
+    from random_input_job import input_fn
+
+    return DataLoader(input_fn(params), batch_size=params["batch_size"], shuffle=True,
+                      num_workers=2, drop_last=True)
+
+
+@pytest.mark.parametrize("use_tpu, workers, loader", [
+    (True, 0, False), (False, 0, False), (False, 2, False), (False, 0, True)],
+    ids=["xla", "torch", "torch_2_loader_workers", "torch_users_dataloader_2_workers"])
 def test_random_input_resumes_in_one_process_like_an_uninterrupted_run(tmp_path, use_tpu,
-                                                                      workers):
+                                                                      workers, loader):
     """TF's DCGAN way of making input: input_fn draws its noise when called, the Dataset a random
     augmentation per example (torch, Python and NumPy draws; in DataLoader workers with
-    num_workers), the model dropout. train(15) then train(15) in one process ends, every tensor
-    and RNG state, as train(30) does."""
+    num_workers, or in the workers of a DataLoader input_fn returns), the model dropout.
+    train(15) then train(15) in one process ends, every tensor and RNG state, as train(30)."""
     from random_input_job import input_fn
 
     def run(model_dir, step_plan):
@@ -98,7 +107,7 @@ def test_random_input_resumes_in_one_process_like_an_uninterrupted_run(tmp_path,
                                    dropout=0.3, dataset_config=DatasetConfig(
                                        shuffle=True, num_workers=workers))
         for steps in step_plan:
-            estimator.train(input_fn, steps=steps)
+            estimator.train(_loader_with_workers if loader else input_fn, steps=steps)
         return torch.load(estimator.latest_checkpoint(), weights_only=True)
 
     split, whole = run(tmp_path / "split", [15, 15]), run(tmp_path / "whole", [30])
