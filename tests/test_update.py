@@ -215,15 +215,22 @@ def _flat_and_torch_states(tmp_path, monkeypatch, optimizer_fn, model_init_fn=No
     return states[True], states[False], len(flat_calls)
 
 
-@pytest.mark.parametrize("optimizer_fn, model_init_fn, flat_steps", [
-    (adam_with_schedule, None, 7), ("adam", None, 7), ("adam_l2", None, 7),
-    (adam_with_schedule, lambda params: LateLayer(), 0)],
-    ids=["adam_with_schedule", "adam", "adam_l2", "late_layer"])
+def _update_step(model, features, labels, mode, params, update):
+    loss = F.cross_entropy(model(features), labels)
+    update.step(loss)
+    return TPUEstimatorSpec(mode, loss=loss.detach())
+
+
+@pytest.mark.parametrize("optimizer_fn, model_init_fn, fn, flat_steps", [
+    (adam_with_schedule, None, model_fn, 7), ("adam", None, model_fn, 7),
+    ("adam_l2", None, model_fn, 7), ("adam", None, _update_step, 7),
+    (adam_with_schedule, lambda params: LateLayer(), model_fn, 0)],
+    ids=["adam_with_schedule", "adam", "adam_l2", "update_step_in_model_fn", "late_layer"])
 def test_the_flat_adam_updates_bit_for_bit_like_torch(tmp_path, monkeypatch, recwarn,
-                                                     optimizer_fn, model_init_fn, flat_steps):
+                                                     optimizer_fn, model_init_fn, fn, flat_steps):
     optimizer_fn = {"adam": _adam, "adam_l2": _adam_with_l2}.get(optimizer_fn, optimizer_fn)
     flat, torch_own, steps = _flat_and_torch_states(tmp_path, monkeypatch, optimizer_fn,
-                                                    model_init_fn)
+                                                    model_init_fn, fn=fn)
     assert steps == flat_steps  # a layer that sat a step out: torch's update from then on
     assert same_values(flat, torch_own)
     assert not [warning for warning in recwarn if "lr_scheduler" in str(warning.message)]
@@ -305,12 +312,13 @@ def _adam_with_l2(model, params):
     return torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.01)
 
 
-def _halving_its_gradients(model, features, labels, mode, params, update):
-    """model_fn computing the gradients and changing them before the update applies."""
+def _scaling_its_gradients(model, features, labels, mode, params, update):
+    """model_fn computing the gradients and changing them before the update applies (by a
+    factor that is not a power of two: a fused multiply-add would round otherwise)."""
     loss = F.cross_entropy(model(features), labels)
     update.backward(loss)
     for parameter in model.parameters():
-        parameter.grad.mul_(0.5)
+        parameter.grad.mul_(0.3)
     update.apply()
     return TPUEstimatorSpec(mode, loss=loss.detach())
 
@@ -323,32 +331,94 @@ def _clipping_itself(model, features, labels, mode, params, update):
     return TPUEstimatorSpec(mode, loss=loss.detach())
 
 
-@pytest.mark.parametrize("case, reason", [
+def _stepping_adam_itself(model, features, labels, mode, params, update):
+    optimizer = update.optimizers["default"]
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(features), labels)
+    loss.backward()
+    optimizer.step()
+    return TPUEstimatorSpec(mode, loss=loss.detach())
+
+
+def _adam_with_a_step_hook(model, params):
+    """Adam whose pre-step hook scales the gradients (code torch runs around its step)."""
+    optimizer = _adam(model, params)
+
+    def scale(optimizer, args, kwargs):
+        for parameter in [p for group in optimizer.param_groups for p in group["params"]]:
+            parameter.grad.mul_(0.3)
+    optimizer.register_step_pre_hook(scale)
+    return optimizer
+
+
+def _hooking_a_gradient(model, features, labels, mode, params):
+    """A gradient hook registered once the module is on its device (moving a module to XLA
+    makes new parameters, without the hooks of the old ones)."""
+    if not getattr(model, "hooked", False):
+        model.layers[0].weight.register_hook(lambda grad: grad * 0.3)
+        model.hooked = True
+    return model_fn(model, features, labels, mode, params)
+
+
+def _adamw_without_decay(model, params):
+    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+
+
+def _decay_from_step_3(model, features, labels, mode, params, update):
+    """A weight-decay schedule of one's own: AdamW's decay switched on at step 3."""
+    if update.global_step == 3:
+        update.optimizers["default"].param_groups[0]["weight_decay"] = 0.1
+    return model_fn(model, features, labels, mode, params)
+
+
+@pytest.mark.parametrize("case, reason, flat_steps", [
     (dict(fn=_two_heads_model_fn, model_init_fn=lambda params: Shared(),
-          optimizer_fn=_two_optimizers_sharing_the_trunk), "optimizers ['one', 'two'] share"),
-    (dict(fn=_clamping_model_fn), "a parameter's data was replaced (param.data = ...)"),
+          optimizer_fn=_two_optimizers_sharing_the_trunk), "optimizers ['one', 'two'] share", 0),
+    (dict(fn=_clamping_model_fn), "a parameter's data was replaced (param.data = ...)", 0),
     (dict(fn=_unfreezing_model_fn, model_init_fn=lambda params: Unfrozen(),
           optimizer_fn=lambda model, params: torch.optim.Adam(model.first.parameters(), lr=0.01)),
-     "its parameter groups changed (add_param_group)"),
-    (dict(model_init_fn=lambda params: EveryOtherStep()), "a parameter has no gradient"),
-    (dict(model_init_fn=_frozen_bias), "a parameter has no gradient"),
-    (dict(clip_global_norm=0.05), "UpdateConfig(clip_global_norm) is set"),
-    (dict(optimizer_fn=_adamw), "a decoupled weight_decay is set (AdamW)"),
-    (dict(fn=_halving_its_gradients), "model_fn computed the gradients update.apply applies"),
-    (dict(fn=_clipping_itself), "model_fn computed the gradients update.apply applies"),
+     "its parameter groups changed (add_param_group)", 2),
+    (dict(model_init_fn=lambda params: EveryOtherStep()), "a parameter has no gradient", 1),
+    (dict(model_init_fn=_frozen_bias), "a parameter has no gradient", 0),
+    (dict(clip_global_norm=0.05), "UpdateConfig(clip_global_norm) is set", 0),
+    (dict(optimizer_fn=_adamw), "a decoupled weight_decay is set (AdamW)", 0),
+    (dict(optimizer_fn=_adamw_without_decay, fn=_decay_from_step_3),
+     "a decoupled weight_decay is set (AdamW)", 2),
+    (dict(fn=_scaling_its_gradients), "model_fn computed the gradients update.apply applies", 0),
+    (dict(fn=_clipping_itself), "model_fn computed the gradients update.apply applies", 0),
+    (dict(fn=_stepping_adam_itself), "model_fn steps the optimizer itself", 0),
+    (dict(optimizer_fn=_adam_with_a_step_hook), "optimizer step hooks are registered", 0),
+    (dict(fn=_hooking_a_gradient), "a parameter has gradient hooks", 0),
 ], ids=["shared_by_two_optimizers", "data_replaced", "add_param_group", "unused_on_some_steps",
-        "frozen", "clip_global_norm", "adamw_decay", "gradients_changed_in_model_fn",
-        "clipped_in_model_fn"])
+        "frozen", "clip_global_norm", "adamw_decay", "adamw_decay_switched_on",
+        "gradients_changed_in_model_fn", "clipped_in_model_fn", "model_fn_steps_adam",
+        "optimizer_step_hook", "gradient_hook"])
 def test_the_flat_adam_hands_what_it_does_not_cover_to_torch_exactly(
-        tmp_path, monkeypatch, caplog, case, reason):
-    """Each case gives torch's own Adam's numbers bit for bit, and the log says why the flat
-    path stepped aside (with the flat step, clipping, weight decay and gradients changed in
-    model_fn were a float32 rounding apart from torch's)."""
+        tmp_path, monkeypatch, caplog, case, reason, flat_steps):
+    """Each case gives torch's own Adam's numbers bit for bit, after as many flat steps as ran
+    before the case arose, and the log says why the flat path stepped aside (with the flat
+    step, clipping, AdamW's decay, scaled gradients and hooks were wrong or a float32 rounding
+    apart from torch's)."""
     case = {"optimizer_fn": _adam, **case}
     with caplog.at_level(logging.INFO, logger="torch_tpu_estimator"):
-        flat, torch_own, _ = _flat_and_torch_states(tmp_path, monkeypatch, **case)
+        flat, torch_own, steps = _flat_and_torch_states(tmp_path, monkeypatch, **case)
     assert same_values(flat, torch_own)
+    assert steps == flat_steps
     assert "flat_optimizer: " in caplog.text and reason in caplog.text
+
+
+@pytest.mark.parametrize("processes, scaled", [(1, False), (2, False), (3, True), (4, False),
+                                               (6, True)])
+def test_an_average_over_processes_that_is_not_a_power_of_two_keeps_torch_s_adam(processes,
+                                                                                scaled):
+    """Averaging over n XLA processes scales the gradients by 1/n, exact only for a power of
+    two: other counts keep torch's own step (several XLA processes cannot run here)."""
+    from torch_tpu_estimator.step.update import _scaled_gradients
+
+    reason = _scaled_gradients(UpdateConfig(), processes)
+    assert (reason is not None) == scaled
+    if scaled:
+        assert f"averaged over {processes} processes" in reason
 
 
 def test_use_tpu_in_params_names_the_runtime_evaluate_runs_on(tmp_path):

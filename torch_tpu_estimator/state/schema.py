@@ -3,7 +3,8 @@
 FORMAT 3: {"format": 3, "global_step": int, "model": the module's state_dict, "update": the
 update step's state_dict (None outside training), "input": {stream: {"epoch", "batch"}}, "rng":
 [one per process]}. The schema names these components and opens none of them: what "update"
-holds is update.py's business, and where tensors go is storage.py's. Checkpoints of formats 1
+holds is the update step's business (step/update.py, read by step/update_state.py), and where
+tensors go is storage.py's. Checkpoints of formats 1
 (0.1) and 2 (0.2) kept the update's parts at the top level: read as format 3, every top-level key
 the schema does not name goes into "update" as it was, with "legacy_format" saying which (the
 update step reads it).

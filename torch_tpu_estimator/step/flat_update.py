@@ -18,13 +18,15 @@ one (a clipping scale or a decay folded into the update as one fused multiply-ad
 instead of twice), so those cases never take the flat path (`flat_refusal`).
 
 What it does not cover it leaves, with a log line saying why, to torch's own
-`optimizer.step()`: from the start, clipping, AdamW's decay and optimizers that share a
-parameter; from the step it happens on, a parameter that stops being a view of its buffer
-(`param.data = ...`), groups that change (`add_param_group`), a parameter without a gradient in a
-step (frozen, or unused), step counts that differ (a checkpoint of such a run), and gradients
-model_fn computed itself and hands to `update.apply` (update.py calls `hand_back`). Each
-parameter and moment then gets its own storage back, so torch's steps run as they would have
-from the start.
+`optimizer.step()`: from the start, scaled gradients (clipping, an average over a number of
+processes that is not a power of two), AdamW's decay and optimizers that share a parameter; from
+the step it happens on, a parameter that stops being a view of its buffer (`param.data = ...`),
+groups that change (`add_param_group`), a parameter without a gradient in a step (frozen, or
+unused), step counts that differ (a checkpoint of such a run), options it does not cover, step or
+gradient hooks (the flat step skips the first and rounds the second otherwise), and gradients
+model_fn computed itself and hands to `update.apply` or steps with the optimizer's own step()
+(update.py calls `hand_back`). Each parameter and moment then gets its own storage back, so
+torch's steps run as they would have from the start.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 import torch
+from torch.optim import optimizer as torch_optimizer
 
 logger = logging.getLogger("torch_tpu_estimator")
 
@@ -46,22 +49,13 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-def flat_refusal(optimizer: torch.optim.Optimizer, clipping: bool) -> str | None:
+def flat_refusal(optimizer: torch.optim.Optimizer, run_refusal: str | None = None) -> str | None:
     """Why `optimizer` cannot take the flat step and give torch's numbers bit for bit, or None:
-    a torch Adam or AdamW with plain options, float learning rates, no decoupled weight decay
-    (Adam's L2 decay is covered), unclipped
-    gradients, every parameter a dense float32 tensor on one XLA device, each once."""
+    a torch Adam or AdamW whose parameters are dense float32 tensors on one XLA device, each
+    once, with the options `_options_refusal` accepts. `run_refusal` is the run's own reason,
+    if it has one (gradients scaled before the step: clipping, an average over processes)."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return f"it covers Adam and AdamW, not {type(optimizer).__name__}"
-    if clipping:
-        return ("UpdateConfig(clip_global_norm) is set: XLA fuses the clipping scale into "
-                "torch's per-parameter update, not into the flat one (a float32 rounding apart)")
-    if any(group["weight_decay"] != 0 and (isinstance(optimizer, torch.optim.AdamW)
-                                           or group.get("decoupled_weight_decay"))
-           for group in optimizer.param_groups):
-        return ("a decoupled weight_decay is set (AdamW): XLA fuses the decay into torch's "
-                "per-parameter update otherwise than into the flat one (a float32 rounding "
-                "apart)")
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     devices = {parameter.device for parameter in parameters}
     try:
@@ -70,18 +64,51 @@ def flat_refusal(optimizer: torch.optim.Optimizer, clipping: bool) -> str | None
         return "its parameters have no storage to share (not on an XLA device)"
     if not parameters or len(devices) != 1 or next(iter(devices)).type != "xla":
         return "its parameters are not all on one XLA device"
-    if not all(all(group.get(key, value) == value for key, value in _FLAT_OPTIONS.items())
-               and not group.get("foreach") and not group.get("fused")
-               and isinstance(group["lr"], float)
-               and not isinstance(group["betas"][0], torch.Tensor)
-               for group in optimizer.param_groups):
-        return ("an option it does not cover is set (amsgrad, maximize, capturable, "
-                "differentiable, foreach, fused, or a tensor lr or betas)")
+    if run_refusal is not None:
+        return run_refusal
     if not all(parameter.dtype == torch.float32 and parameter.layout == torch.strided
                for parameter in parameters):
         return "a parameter is not a dense float32 tensor"
     if len({id(parameter) for parameter in parameters}) != len(parameters):
         return "a parameter is in it twice"
+    return _options_refusal(optimizer)
+
+
+def _options_refusal(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the optimizer's options, as they are now, are not the flat step's (checked every
+    step: a schedule or model_fn may change them), or None: plain options, float learning
+    rates and betas, no decoupled weight decay (Adam's L2 decay is covered)."""
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    for group in optimizer.param_groups:
+        if group["weight_decay"] != 0 and (decoupled or group.get("decoupled_weight_decay")):
+            return ("a decoupled weight_decay is set (AdamW): XLA fuses the decay into torch's "
+                    "per-parameter update otherwise than into the flat one (a float32 rounding "
+                    "apart)")
+        if not (all(group.get(key, value) == value for key, value in _FLAT_OPTIONS.items())
+                and not group.get("foreach") and not group.get("fused")
+                and isinstance(group["lr"], float)
+                and not isinstance(group["betas"][0], torch.Tensor)):
+            return ("an option it does not cover is set (amsgrad, maximize, capturable, "
+                    "differentiable, foreach, fused, or a tensor lr or betas)")
+    return None
+
+
+def _hooks_refusal(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor]) -> str | None:
+    """Why code of the user's would run around the step (and change what it computes), or
+    None: optimizer step hooks (the optimizer's own, besides the estimator's, or global ones),
+    a replaced `optimizer.step`, gradient hooks on a parameter."""
+    own = [hook for hook in optimizer._optimizer_step_pre_hooks.values()
+           if not getattr(hook, "estimator_own", False)]
+    if own or optimizer._optimizer_step_post_hooks or \
+            torch_optimizer._global_optimizer_pre_hooks or \
+            torch_optimizer._global_optimizer_post_hooks:
+        return "optimizer step hooks are registered (they run around torch's step)"
+    replaced = vars(optimizer).get("step")
+    if replaced is not None and not getattr(replaced, "_wrapped_by_lr_sched", False):
+        return "optimizer.step was replaced"
+    if any(parameter._backward_hooks or getattr(parameter, "_post_accumulate_grad_hooks", None)
+           for parameter in parameters):
+        return "a parameter has gradient hooks (they change its gradient after backward)"
     return None
 
 
@@ -109,8 +136,6 @@ class FlatAdam:
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str = "default"):
         self.optimizer, self.name = optimizer, name
-        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
-            group.get("decoupled_weight_decay") for group in optimizer.param_groups)
         self.groups = []
         self.handed_back = False  # torch's own step from now on
         with torch.no_grad():
@@ -161,6 +186,9 @@ class FlatAdam:
             return "a parameter's data was replaced (param.data = ...)"
         if any(parameter.grad is None for parameter in parameters):
             return "a parameter has no gradient (frozen, or unused by this step's loss)"
+        why = _options_refusal(self.optimizer) or _hooks_refusal(self.optimizer, parameters)
+        if why is not None:
+            return why
         state = self.optimizer.state  # a defaultdict: read with get, never create entries
         if len({float(state.get(parameter, {}).get("step", 0)) for parameter in parameters}) > 1:
             return "its parameters have taken different numbers of steps"
@@ -219,11 +247,8 @@ class FlatAdam:
         weight_decay, eps = options["weight_decay"], options["eps"]
         grad = torch.cat([parameter.grad.reshape(-1) for parameter in group.parameters])
         weights = group.weights
-        if weight_decay != 0:
-            if self.decoupled:
-                weights = weights * (1 - lr * weight_decay)
-            else:
-                grad = grad.add(weights, alpha=weight_decay)
+        if weight_decay != 0:  # Adam's L2 decay (a decoupled one is refused)
+            grad = grad.add(weights, alpha=weight_decay)
         # torch's ops out of place, each buffer written back once: the in-place forms would pass
         # through torch's Python shape checks on every step (see the module docstring)
         exp_avg = torch.lerp(group.exp_avg, grad, 1 - beta1)
@@ -247,7 +272,7 @@ def _shared(optimizers: Mapping[str, torch.optim.Optimizer]) -> set[str]:
 
 
 def optimizer_steppers(optimizers: Mapping[str, torch.optim.Optimizer], flat: bool,
-                       clipping: bool = False) -> dict[str, Callable[[], None]]:
+                       run_refusal: str | None = None) -> dict[str, Callable[[], None]]:
     """Each optimizer's step: with `flat` (UpdateConfig(flat_optimizer), parameters not
     sharded), FlatAdam's where it gives torch's numbers (flat_refusal), else torch's own; an
     Adam left to torch says why in the log."""
@@ -259,8 +284,11 @@ def optimizer_steppers(optimizers: Mapping[str, torch.optim.Optimizer], flat: bo
                     "updates them (one flat buffer per parameter)", sorted(shared))
     steppers = {}
     for name, optimizer in optimizers.items():
-        reason = None if name in shared else flat_refusal(optimizer, clipping)
-        if reason is not None and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        reason = None if name in shared else flat_refusal(optimizer, run_refusal)
+        on_xla = all(parameter.device.type == "xla" for group in optimizer.param_groups
+                     for parameter in group["params"])
+        if reason is not None and on_xla and isinstance(optimizer,
+                                                        torch.optim.Adam | torch.optim.AdamW):
             logger.info("flat_optimizer: optimizer %r takes torch's own step, because %s",
                         name, reason)
         flat_step = name not in shared and reason is None

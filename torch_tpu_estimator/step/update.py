@@ -18,6 +18,19 @@ from .replayable_optimizers import replayable_steppers
 from .update_state import current_layout
 
 
+def _scaled_gradients(config: UpdateConfig, processes: int) -> str | None:
+    """Why this run scales the gradients before every step, if it does: XLA fuses a scale
+    into torch's per-parameter Adam update and not into the flat one, so flat Adam would be a
+    float32 rounding apart (a power of two scales exactly)."""
+    if config.clip_global_norm is not None:
+        return ("UpdateConfig(clip_global_norm) is set: XLA fuses the clipping scale into "
+                "torch's per-parameter update, not into the flat one (a float32 rounding apart)")
+    if processes & (processes - 1):
+        return (f"gradients are averaged over {processes} processes, a scale by 1/{processes} "
+                "that XLA fuses into torch's per-parameter update, not into the flat one")
+    return None
+
+
 def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [parameter for group in optimizer.param_groups for parameter in group["params"]]
 
@@ -61,10 +74,14 @@ class UpdateStep:
         # each optimizer's step: replayable, flat or torch's own
         self.steppers = replayable if self.replay_refusal is None else optimizer_steppers(
             optimizers, config.flat_optimizer and not replica.shards_parameters,
-            clipping=config.clip_global_norm is not None)
+            _scaled_gradients(config, replica.topology.num_processes))
+        self._flat = {name: stepper.__self__ for name, stepper in self.steppers.items()
+                      if isinstance(getattr(stepper, "__self__", None), FlatAdam)}
         for name, optimizer in optimizers.items():
-            optimizer.register_step_pre_hook(
-                lambda optimizer, args, kwargs, name=name: self._stepped_by_model_fn(name))
+            def stepped(optimizer, args, kwargs, name=name):
+                self._stepped_by_model_fn(name)
+            stepped.estimator_own = True  # not a user's hook (flat_update.py)
+            optimizer.register_step_pre_hook(stepped)
         self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
         self.global_step = 0  # the step being run, counted from 1
         self.took_charge = False  # whether an update (model_fn's or built in) ran in this step
@@ -100,6 +117,8 @@ class UpdateStep:
                 "once per step; accumulate in model_fn instead, with accumulation_steps=1")
         self.took_charge = True
         self._stepped_directly.add(name)
+        if name in self._flat:  # torch's step on views of flat buffers fuses otherwise
+            self._flat[name].hand_back("model_fn steps the optimizer itself")
         if name not in self._reduced:
             self.reduce_gradients(name)
         self._reduced.discard(name)  # this step uses them: the next one needs a new average
@@ -147,10 +166,10 @@ class UpdateStep:
         """The built-in update from gradients already computed: reduce, clip (UpdateConfig
         .clip_global_norm), optimizer step, scheduler step. Returns the norm before clipping."""
         name = self._named(optimizer)
-        flat = getattr(self.steppers[name], "__self__", None)
-        if isinstance(flat, FlatAdam):  # exact on gradients straight from step or minimize only
-            flat.hand_back("model_fn computed the gradients update.apply applies, and may have "
-                           "changed them (update.backward, loss.backward, clipping)")
+        if name in self._flat:  # exact on gradients straight from step or minimize only
+            self._flat[name].hand_back("model_fn computed the gradients update.apply applies, "
+                                       "and may have changed them (update.backward, "
+                                       "loss.backward, clipping)")
         return self._apply(name)
 
     def _apply(self, name: str) -> torch.Tensor | None:
