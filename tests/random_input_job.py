@@ -2,8 +2,9 @@
 test_random_input_resume.py: input_fn draws noise when called, the Dataset draws a random
 augmentation per example from torch, Python and NumPy, and the model applies dropout.
 
-Usage: python random_input_job.py MODEL_DIR LAYOUT MAX_STEPS; the chief prints "step N" at
-every window end and "done N" with the final global step."""
+Usage: python random_input_job.py MODEL_DIR LAYOUT MAX_STEPS [WINDOW_STEPS]; the chief prints
+"step N" at every window end and "done N" with the final global step. A restart may take other
+windows (WINDOW_STEPS, 3 by default) and must still end bit for bit."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ class Announce(Hook):
 
 if __name__ == "__main__":
     model_dir, layout, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    window = int(sys.argv[4]) if len(sys.argv) > 4 else 3
     estimator = make_estimator(model_dir, optimizer_fn=adam_with_schedule, dropout=0.3,
-                               iterations_per_loop=3, save_checkpoints_steps=3,
+                               iterations_per_loop=window, save_checkpoints_steps=3,
                                keep_checkpoint_max=3, log_step_count_steps=None,
                                dataset_config=DatasetConfig(shuffle=True), **LAYOUTS[layout])
     estimator.train(input_fn, max_steps=max_steps, hooks=[Announce()])

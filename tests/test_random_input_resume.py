@@ -24,10 +24,11 @@ MAX_STEPS = 150
 KILLS = 10
 
 
-def _start(model_dir, layout: str, steps: int = MAX_STEPS) -> subprocess.Popen:
+def _start(model_dir, layout: str, steps: int = MAX_STEPS, window: int = 3) -> subprocess.Popen:
     env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=os.path.dirname(__file__),
                CPU_NUM_DEVICES="4" if layout == "spmd4" else "1")
-    return subprocess.Popen([sys.executable, JOB, str(model_dir), layout, str(steps)],
+    return subprocess.Popen([sys.executable, JOB, str(model_dir), layout, str(steps),
+                             str(window)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -72,14 +73,18 @@ def _kill_somewhere_in_the_next_windows(job: subprocess.Popen, chooser: random.R
 def sigkills_then_a_restart_end_bit_for_bit(tmp_path, layout: str, model_dir=None,
                                             restart_after: float = 0.0, kills: int = KILLS,
                                             steps: int = MAX_STEPS) -> None:
-    """`kills` runs of the job in `model_dir` (a folder by default), each SIGKILLed at a random
-    moment, each restarted `restart_after` seconds later, then one to the end (`steps`): its
-    final checkpoint equals an uninterrupted run's, every tensor and RNG state."""
+    """`kills` runs of the job in `model_dir` (a folder by default), each with windows of 2-4
+    steps and SIGKILLed at a random moment, each restarted `restart_after` seconds later, then
+    one to the end (`steps`): its final checkpoint equals an uninterrupted run's (windows of
+    3), every tensor and RNG state."""
     _run_to_end(tmp_path / "uninterrupted", layout, steps)
     chooser = random.Random(f"kills-{layout}")
     model_dir = model_dir or tmp_path / "killed"
     for _ in range(kills):
-        _kill_somewhere_in_the_next_windows(_start(model_dir, layout, steps), chooser)
+        # each restart takes windows of 2 to 4 steps: batches made ahead of a checkpoint must
+        # not change what the resumed run draws
+        _kill_somewhere_in_the_next_windows(
+            _start(model_dir, layout, steps, window=chooser.randint(2, 4)), chooser)
         time.sleep(restart_after)
     _run_to_end(model_dir, layout, steps)
     resumed = _final(model_dir, steps)
