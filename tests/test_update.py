@@ -112,10 +112,11 @@ print(json.dumps({"compiles": met.metric_data("CompileTime")[0], "losses": losse
 
 def test_four_micro_batches_update_like_one_batch_in_as_many_graphs(tmp_path):
     """k=4 micro-batches of 4 rows equal one batch of 16 (no batch norm), Adam with a schedule,
-    and compile as many graphs (one step graph, and Adam's first step)."""
+    and compile no more graphs (one step graph and Adam's first step; the whole batch's flat
+    Adam adds its packing, accumulation takes torch's Adam)."""
     whole = run_fresh(ACCUMULATED, 1, tmp_path / "whole")
     accumulated = run_fresh(ACCUMULATED, 4, tmp_path / "accumulated")
-    assert accumulated["compiles"] == whole["compiles"] <= 3
+    assert accumulated["compiles"] <= whole["compiles"] <= 3
     np.testing.assert_allclose(accumulated["losses"], whole["losses"], rtol=1e-5)
     for name, value in whole["weights"].items():
         np.testing.assert_allclose(accumulated["weights"][name], value, rtol=1e-4, atol=1e-6,
@@ -381,6 +382,7 @@ def _decay_from_step_3(model, features, labels, mode, params, update):
     (dict(model_init_fn=lambda params: EveryOtherStep()), "a parameter has no gradient", 1),
     (dict(model_init_fn=_frozen_bias), "a parameter has no gradient", 0),
     (dict(clip_global_norm=0.05), "UpdateConfig(clip_global_norm) is set", 0),
+    (dict(accumulation_steps=8), "UpdateConfig(accumulation_steps=8) adds up", 0),
     (dict(optimizer_fn=_adamw), "a decoupled weight_decay is set (AdamW)", 0),
     (dict(optimizer_fn=_adamw_without_decay, fn=_decay_from_step_3),
      "a decoupled weight_decay is set (AdamW)", 2),
@@ -390,7 +392,7 @@ def _decay_from_step_3(model, features, labels, mode, params, update):
     (dict(optimizer_fn=_adam_with_a_step_hook), "optimizer step hooks are registered", 0),
     (dict(fn=_hooking_a_gradient), "a parameter has gradient hooks", 0),
 ], ids=["shared_by_two_optimizers", "data_replaced", "add_param_group", "unused_on_some_steps",
-        "frozen", "clip_global_norm", "adamw_decay", "adamw_decay_switched_on",
+        "frozen", "clip_global_norm", "accumulation_steps", "adamw_decay", "adamw_decay_switched_on",
         "gradients_changed_in_model_fn", "clipped_in_model_fn", "model_fn_steps_adam",
         "optimizer_step_hook", "gradient_hook"])
 def test_the_flat_adam_hands_what_it_does_not_cover_to_torch_exactly(

@@ -69,11 +69,12 @@ class UpdateConfig:
             buffer per parameter group (flat_update.py) in a handful of traced ops instead of a chain
             per parameter (about 2x the steps/s of a small model), wherever that gives torch's own
             Adam bit for bit: gradients straight from the built-in update (or update.step,
-            update.minimize), no clip_global_norm, no AdamW decay, no step or gradient hooks.
-            Everything else (clipping, AdamW's decay, gradients model_fn hands to update.apply or
-            an optimizer.step() in model_fn, hooks, a parameter replaced or without a gradient,
-            groups added, parameters shared by two optimizers) takes torch's own step, with a log
-            line saying why. False keeps torch's own step always.
+            update.minimize), no clip_global_norm or accumulation_steps, no AdamW decay, no step
+            or gradient hooks. Everything else (clipping, accumulation, AdamW's decay, gradients
+            model_fn hands to update.apply or an optimizer.step() in model_fn, hooks, a parameter
+            replaced or without a gradient, groups added, parameters shared by two optimizers)
+            takes torch's own step, with a log line saying why. False keeps torch's own step
+            always.
     """
 
     clip_global_norm: float | None = None

@@ -17,16 +17,16 @@ weight decay applies. Elsewhere XLA fuses the flat graph otherwise than torch's 
 one (a clipping scale or a decay folded into the update as one fused multiply-add rounds once
 instead of twice), so those cases never take the flat path (`flat_refusal`).
 
-What it does not cover it leaves, with a log line saying why, to torch's own
-`optimizer.step()`: from the start, scaled gradients (clipping, an average over a number of
-processes that is not a power of two), AdamW's decay and optimizers that share a parameter; from
-the step it happens on, a parameter that stops being a view of its buffer (`param.data = ...`),
-groups that change (`add_param_group`), a parameter without a gradient in a step (frozen, or
-unused), step counts that differ (a checkpoint of such a run), options it does not cover, step or
-gradient hooks (the flat step skips the first and rounds the second otherwise), and gradients
-model_fn computed itself and hands to `update.apply` or steps with the optimizer's own step()
-(update.py calls `hand_back`). Each parameter and moment then gets its own storage back, so
-torch's steps run as they would have from the start.
+What it does not cover it leaves, with a log line saying why, to torch's own `optimizer.step()`:
+from the start, gradients computed beyond one backward (clipping, accumulation, an average over a
+number of processes that is not a power of two), AdamW's decay and optimizers that share a
+parameter; from the step it happens on, a parameter that stops being a view of its buffer
+(`param.data = ...`), groups that change (`add_param_group`), a parameter without a gradient in a
+step (frozen, or unused), step counts that differ (a checkpoint of such a run), options it does
+not cover, step or gradient hooks (the flat step skips the first and rounds the second otherwise),
+and gradients model_fn computed itself and hands to `update.apply` or steps with the optimizer's
+own step() (update.py calls `hand_back`). Each parameter and moment then gets its own storage
+back, so torch's steps run as they would have from the start.
 """
 
 from __future__ import annotations

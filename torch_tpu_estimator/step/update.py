@@ -19,12 +19,16 @@ from .update_state import current_layout
 
 
 def _scaled_gradients(config: UpdateConfig, processes: int) -> str | None:
-    """Why this run scales the gradients before every step, if it does: XLA fuses a scale
-    into torch's per-parameter Adam update and not into the flat one, so flat Adam would be a
-    float32 rounding apart (a power of two scales exactly)."""
+    """Why this run computes the gradients beyond one backward before every step, if it does
+    (a scale, a sum): XLA fuses that into torch's per-parameter Adam update and not into the
+    flat one, so flat Adam would be a float32 rounding apart (a power of two scales exactly)."""
     if config.clip_global_norm is not None:
         return ("UpdateConfig(clip_global_norm) is set: XLA fuses the clipping scale into "
                 "torch's per-parameter update, not into the flat one (a float32 rounding apart)")
+    if config.accumulation_steps > 1:
+        return (f"UpdateConfig(accumulation_steps={config.accumulation_steps}) adds up the "
+                "micro-batches' gradients, which XLA fuses into torch's per-parameter update "
+                "otherwise than into the flat one (a float32 rounding apart)")
     if processes & (processes - 1):
         return (f"gradients are averaged over {processes} processes, a scale by 1/{processes} "
                 "that XLA fuses into torch's per-parameter update, not into the flat one")
