@@ -8,6 +8,7 @@ usage: replica_job.py CONFIG_JSON   (keys: runtime, replicas, per_host, shuffle,
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -144,8 +145,14 @@ def run(config: dict) -> dict:
     }
 
 
+def record_group_at_exit() -> None:
+    """Records, after the library's own exit handlers, whether a process group is still up."""
+    record("exit/process_group_initialized", [torch.distributed.is_initialized()])
+
+
 if __name__ == "__main__":
     CONFIG = json.loads(sys.argv[1])
+    atexit.register(record_group_at_exit)  # registered first, so it runs last
     result = run(CONFIG)
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{CONFIG['out']}.{rank}", "w") as handle:

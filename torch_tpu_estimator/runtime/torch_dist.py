@@ -12,6 +12,7 @@ same order as an uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -71,6 +72,28 @@ def _pick_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+_LAUNCHED_GROUP = {"failed": False}  # whether a call failed in the group the estimator joined
+
+
+def _join_launched_group(timeout_secs: float) -> None:
+    """Joins the process group of the job torchrun started, and leaves it at interpreter exit."""
+    device = _pick_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_secs))
+    atexit.register(_leave_launched_group)
+
+
+def _leave_launched_group() -> None:
+    """Destroys the group while the interpreter is whole: left to its teardown, gloo's worker
+    threads can abort a process that finished its work (SIGABRT, "terminate called without an
+    active exception", pytorch/pytorch#190489). After a failed call the group is left to die
+    with the process, as in a forked replica, so that peers see no disconnect first."""
+    if dist.is_initialized() and not _LAUNCHED_GROUP["failed"]:
+        dist.destroy_process_group()
 
 
 class TorchReplica(Replica):
@@ -147,12 +170,12 @@ class TorchLauncher(Launcher):
             return worker(TorchReplica(self.topology))
         if self._external:
             if not dist.is_initialized():
-                device = _pick_device()
-                if device.type == "cuda":
-                    torch.cuda.set_device(device)
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                        timeout=datetime.timedelta(seconds=self._timeout_secs))
-            return worker(TorchReplica(self.topology, launched_rank()))
+                _join_launched_group(self._timeout_secs)
+            try:
+                return worker(TorchReplica(self.topology, launched_rank()))
+            except BaseException:
+                _LAUNCHED_GROUP["failed"] = True
+                raise
         return launch_processes(
             self.topology.num_processes,
             lambda rank, scratch, heartbeats: self._forked(rank, scratch, heartbeats, worker),
