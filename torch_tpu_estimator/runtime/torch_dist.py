@@ -74,9 +74,6 @@ def _pick_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-_LAUNCHED_GROUP = {"failed": False}  # whether a call failed in the group the estimator joined
-
-
 def _join_launched_group(timeout_secs: float) -> None:
     """Joins the process group of the job torchrun started, and leaves it at interpreter exit."""
     device = _pick_device()
@@ -90,9 +87,9 @@ def _join_launched_group(timeout_secs: float) -> None:
 def _leave_launched_group() -> None:
     """Destroys the group while the interpreter is whole: left to its teardown, gloo's worker
     threads can abort a process that finished its work (SIGABRT, "terminate called without an
-    active exception", pytorch/pytorch#190489). After a failed call the group is left to die
-    with the process, as in a forked replica, so that peers see no disconnect first."""
-    if dist.is_initialized() and not _LAUNCHED_GROUP["failed"]:
+    active exception", pytorch/pytorch#190489). A failed call unregisters this: the group is
+    then left to die with the process, as in a forked replica, so peers see no disconnect first."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -174,7 +171,7 @@ class TorchLauncher(Launcher):
             try:
                 return worker(TorchReplica(self.topology, launched_rank()))
             except BaseException:
-                _LAUNCHED_GROUP["failed"] = True
+                atexit.unregister(_leave_launched_group)
                 raise
         return launch_processes(
             self.topology.num_processes,
